@@ -1,0 +1,46 @@
+# The commands a user types. Each sets up .venv first if it is missing or out of date.
+#   make test    the whole test suite (offline, CPU)
+#   make demo    every notebook, in order, on synthetic data, on CPU -> runs/demo/
+#   make train   notebooks/03_train.ipynb with its defaults (real CIFAR-100, GPU if present)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
+DEMO_OUT := runs/demo
+# Parameters each notebook gets in the demo (papermill -p NAME VALUE); all use synthetic data.
+DEMO_PARAMS := -p dataset synthetic
+
+.PHONY: venv test demo train clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is needed, found " + sys.version.split()[0] + "; run make PYTHON=/path/to/python3.x")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	@mkdir -p $(DEMO_OUT)
+	@test -n "$(NOTEBOOKS)" || echo "no notebooks in notebooks/ yet: nothing to run"
+	@set -e; for nb in $(NOTEBOOKS); do \
+		echo "== $$nb"; \
+		$(BIN)/papermill --no-progress-bar -k python3 "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $(DEMO_PARAMS); \
+	done
+	@echo "executed notebooks are in $(DEMO_OUT)/"
+
+train: $(STAMP)
+	@test -f notebooks/03_train.ipynb || { echo "notebooks/03_train.ipynb does not exist yet"; exit 1; }
+	@mkdir -p runs
+	$(BIN)/papermill -k python3 notebooks/03_train.ipynb runs/train-$$(date +%Y%m%d-%H%M%S).ipynb
+
+clean:
+	rm -rf $(VENV) .pytest_cache $(DEMO_OUT)
