@@ -1,0 +1,268 @@
+"""CIFAR-100 / CIFAR-10 as device-resident uint8 tensors, split and batched without workers.
+
+    data = load_cifar("cifar100", "data")          # or "cifar10", or "synthetic"
+    data.train.images   # (45000, 3, 32, 32) uint8 on the training device
+    for images, labels in Batches(data.train, 256, shuffle=True, drop_last=True).epoch(0): ...
+
+The validation split is cut from the official training set before any augmentation, stratified
+and seeded; it is evaluated with the same preprocessing as the test set. `python -m cifarlib.data`
+fetches and checks the data ahead of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import runtime, sources, synthetic
+from .errors import UserError, cli_errors
+
+DATASETS = ("cifar100", "cifar10", "synthetic")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (N, 3, 32, 32) uint8, fine labels (N,) int64 and, for CIFAR-100, coarse labels."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    coarse_labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Split:
+        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
+        return Split(pick(self.images), pick(self.labels), pick(self.coarse_labels))
+
+    def to(self, device: str | torch.device) -> Split:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Split(move(self.images), move(self.labels), move(self.coarse_labels))
+
+
+@dataclass(frozen=True)
+class CifarData:
+    name: str                      # "cifar100", "cifar10" or "synthetic"
+    folder: Path                   # the extracted folder the files were read from
+    classes: list[str]
+    superclasses: list[str] | None  # None for CIFAR-10
+    train: Split
+    val: Split
+    test: Split
+    fine_to_coarse: torch.Tensor | None = field(default=None, repr=False)  # (num_classes,)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device: str | torch.device) -> CifarData:
+        return replace(self, train=self.train.to(device), val=self.val.to(device),
+                       test=self.test.to(device))
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only.
+
+    The CIFAR files are pickles, and a pickle can run arbitrary code when loaded; refusing every
+    other global means a doctored data file fails with a clear error instead.
+    """
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> dict[str, object]:
+    """Read one CIFAR pickle; keys and names come back as str whether stored as bytes or str."""
+    try:
+        with open(path, "rb") as f:
+            raw = _NumpyOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is not a readable CIFAR pickle ({e}).") from None
+    text = lambda v: v.decode("latin1") if isinstance(v, bytes) else v  # noqa: E731
+    out = {text(k): v for k, v in raw.items()} if isinstance(raw, dict) else None
+    if out is None:
+        raise UserError(f"{path} is not a CIFAR pickle (it holds a {type(raw).__name__}, not a dict).")
+    return {k: [text(x) for x in v] if k.endswith("names") else v for k, v in out.items()}
+
+
+def _read_split(folder: Path, files: tuple[str, ...], cifar100: bool) -> Split:
+    images, fine, coarse = [], [], []
+    for name in files:
+        d = _read_pickle(folder / name)
+        try:
+            images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            fine += list(d["fine_labels" if cifar100 else "labels"])
+            coarse += list(d["coarse_labels"]) if cifar100 else []
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{folder / name} is not in the CIFAR layout ({type(e).__name__}: {e}).") from None
+    x = torch.from_numpy(np.concatenate(images))
+    y = torch.tensor(fine, dtype=torch.int64)
+    if len(x) != len(y):
+        raise UserError(f"{folder}: {len(x)} images but {len(y)} labels in {', '.join(files)}.")
+    return Split(x, y, torch.tensor(coarse, dtype=torch.int64) if cifar100 else None)
+
+
+def _quotas(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Split `total` over classes in proportion to `counts`, largest remainders first."""
+    exact = counts.double() * total / counts.sum()
+    q = exact.floor().long()
+    order = torch.argsort(-(exact - q), stable=True)
+    q[order[: total - int(q.sum())]] += 1
+    return q
+
+
+def stratified_pick(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of `n` samples with class proportions kept (exact up to rounding).
+
+    With fewer samples than classes present, a seeded random pick instead.
+    """
+    labels = labels.cpu()
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    counts = torch.bincount(labels)
+    perm = torch.randperm(len(labels), generator=generator)
+    if n < int((counts > 0).sum()):
+        return perm[:n].sort().values
+    by_class = perm[torch.argsort(labels[perm], stable=True)]  # random order within each class
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.arange(len(labels)) - starts[labels[by_class]]
+    keep = rank_in_class < _quotas(counts, n)[labels[by_class]]
+    return by_class[keep].sort().values
+
+
+def split_train_val(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Stratified, seeded and disjoint: the same arguments always give the same two splits."""
+    val = stratified_pick(split.labels, round(val_fraction * len(split)),
+                          torch.Generator().manual_seed(seed))
+    is_val = torch.zeros(len(split), dtype=torch.bool)
+    is_val[val] = True
+    return split.subset(torch.nonzero(~is_val).flatten()), split.subset(val)
+
+
+def _cap(split: Split, n: int | None, seed: int) -> Split:
+    if n is None or n >= len(split):
+        return split
+    return split.subset(stratified_pick(split.labels, n, torch.Generator().manual_seed(seed)))
+
+
+def _check_args(dataset: str, val_fraction: float, caps: dict[str, int | None]) -> None:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be at least 0 and below 1, not {val_fraction!r}.")
+    for key, n in caps.items():
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise UserError(f"{key} must be a positive whole number or None, not {n!r}.")
+
+
+def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
+               val_fraction: float = 0.1, seed: int = 0, max_train_samples: int | None = None,
+               max_eval_samples: int | None = None, verify_checksums: bool = True,
+               download: bool = True, device: str | torch.device = "auto") -> CifarData:
+    """Load a dataset, split off validation, cap the splits, and move everything to `device`.
+
+    `data_dir` follows the path rule of `cifarlib.runtime`. Sources are tried in order: the
+    extracted folder, the official tarball, a download (see `cifarlib.sources`). "synthetic"
+    writes a small CIFAR-100-layout dataset to `data_dir/synthetic/` once and reads it back.
+    `max_train_samples` caps the training split, `max_eval_samples` the validation and test
+    splits, each stratified where the count allows. Under torchrun only rank 0 writes files.
+    """
+    _check_args(dataset, val_fraction, {"max_train_samples": max_train_samples,
+                                        "max_eval_samples": max_eval_samples})
+    root = runtime.resolve_path(data_dir)
+    src = sources.SOURCES["cifar10" if dataset == "cifar10" else "cifar100"]
+    with runtime.main_process_first():
+        if dataset == "synthetic":
+            folder = root / "synthetic" / src.folder
+            if not folder.is_dir() and runtime.is_main_process():
+                synthetic.write_cifar100(folder)
+            sources.locate("cifar100", folder.parent, verify_checksums=False, may_write=False)
+        else:
+            folder = sources.locate(dataset, root, verify_checksums, download,
+                                    may_write=runtime.is_main_process())
+
+    cifar100 = dataset != "cifar10"
+    meta = _read_pickle(folder / src.meta_file)
+    classes = list(meta["fine_label_names" if cifar100 else "label_names"])
+    superclasses = list(meta["coarse_label_names"]) if cifar100 else None
+    full_train = _read_split(folder, src.train_files, cifar100)
+    test = _read_split(folder, src.test_files, cifar100)
+    fine_to_coarse = None
+    if cifar100:
+        fine_to_coarse = torch.zeros(len(classes), dtype=torch.int64)
+        fine_to_coarse[full_train.labels] = full_train.coarse_labels
+
+    train, val = split_train_val(full_train, val_fraction, seed)
+    train = _cap(train, max_train_samples, seed + 1)
+    val, test = _cap(val, max_eval_samples, seed + 2), _cap(test, max_eval_samples, seed + 3)
+    data = CifarData(dataset, folder, classes, superclasses, train, val, test, fine_to_coarse)
+    return data.to(runtime.pick_device(device))
+
+
+@dataclass
+class Batches:
+    """Batches of a device-resident split, indexed on its device: no workers, no per-sample Python.
+
+    `epoch(e)` shuffles with a generator seeded by (`seed`, `e`), so any epoch can be replayed,
+    for example after a resume. With `drop_last`, a split smaller than one batch still gives one
+    (smaller) batch rather than none.
+    """
+    split: Split
+    batch_size: int
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+
+    def __len__(self) -> int:
+        n, b = len(self.split), self.batch_size
+        if n == 0:
+            return 0
+        return max(1, n // b) if self.drop_last else -(-n // b)
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, b = len(self.split), self.batch_size
+        device = self.split.labels.device
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).to(device)
+        else:
+            order = torch.arange(n, device=device)
+        for i in range(len(self)):
+            idx = order[i * b: min((i + 1) * b, n)]
+            yield self.split.images[idx], self.split.labels[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cifarlib.data",
+                                description="Find, extract or download a dataset, check it, and summarise it.")
+    p.add_argument("--dataset", default="cifar100", choices=DATASETS)
+    p.add_argument("--data-dir", default="data", help="relative paths are from the project root")
+    p.add_argument("--no-verify", action="store_true", help="skip the official MD5 checksums")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    with cli_errors(p.prog):
+        d = load_cifar(args.dataset, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+                       verify_checksums=not args.no_verify, download=not args.no_download,
+                       device="cpu")
+        print(f"{d.name}: {d.num_classes} classes from {d.folder}")
+        for name in ("train", "val", "test"):
+            print(f"  {name:5s} {len(getattr(d, name)):6d} images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""How expected user errors reach the user: one message, never a traceback.
+
+Code raises `UserError` for mistakes a user can fix (missing data, a bad config, a corrupt file).
+Command-line entry points wrap their body in `cli_errors()`, which prints the message and exits
+non-zero; notebooks call `show_errors_briefly()` once, after which IPython shows a `UserError` as
+its message alone. Any other exception is a bug and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message says what happened and how to fix it."""
+
+
+@contextmanager
+def cli_errors(prog: str):
+    """Turn a `UserError` raised inside the block into `prog: error: ...` on stderr and exit 2."""
+    try:
+        yield
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _brief_handler(shell, etype, value, tb, tb_offset=None):
+    # IPython discards what a handler returns when a cell raises, so show the message here;
+    # `_showtraceback` is the hook ipykernel overrides to send an error to the notebook. The cell
+    # still fails, so papermill stops there.
+    shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+
+
+def show_errors_briefly() -> None:
+    """In IPython/Jupyter, show each `UserError` as its message instead of a traceback."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.set_custom_exc((UserError,), _brief_handler)
