@@ -1,0 +1,309 @@
+"""Training augmentation on whole batches of device-resident uint8 images, on any device.
+
+The original project ran, per image on the CPU with PIL: resize 32->224, ColorJitter,
+RandomGrayscale, horizontal flip, RandomRotation, RandomAffine, RandomPerspective, GaussianBlur,
+then ToTensor, Normalize, RandomErasing, and Mixup/CutMix on the batch. `BatchAugment` does the
+same with every random parameter drawn per sample, as tensors:
+
+1. colour (jitter in a random order per sample, then grayscale) at 32 px: these are per-pixel
+   and come before any geometry in the original, so they commute with the upsampling except for
+   the interpolation of the non-linear steps (clamping, hue);
+2. flip, rotation, affine and perspective composed into one 3x3 matrix per sample, and the
+   resize to the output size folded in: a single `grid_sample` per batch instead of five
+   resamples (coordinates are normalised to [-1, 1], so the resize is the identity there);
+3. the 3-tap Gaussian blur as a separable per-sample filter, run at 32 px before the warp with
+   its sigma scaled by 32/size, which matches the original's blur at the output size (a Gaussian
+   commutes with the upsampling and, being isotropic, with the rotations). With sigma 0.1-0.2 at
+   224 px its side taps weigh at most 4e-6: the original's blur is all but a no-op, kept for
+   fidelity (the `light` policy switches it off);
+4. normalisation with the backbone's mean and std, random erasing (to 0, after normalising, as
+   torchvision does), and Mixup/CutMix with label-smoothed soft targets.
+
+Random parameters come from a seeded CPU generator (a few numbers per sample, copied to the
+device), so the same seed gives the same batch on the same device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+CPU_CHUNK = 16  # images per full-size pass on a CPU, so that a pass stays in the L3 cache
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Every operation's parameters; 0 (or None) switches an operation off."""
+    brightness: float = 0.3        # ColorJitter factors, each drawn from [1 - v, 1 + v]
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.1               # hue shift drawn from [-v, v] (fraction of the colour wheel)
+    grayscale_p: float = 0.2
+    hflip_p: float = 0.5
+    rotation_deg: float = 15.0     # RandomRotation: angle from [-v, v]
+    affine_deg: float = 15.0       # RandomAffine: angle from [-v, v] ...
+    affine_translate: float = 0.1  # ... and shift up to v of the width/height
+    perspective_p: float = 0.2
+    perspective_distortion: float = 0.5
+    blur_sigma: tuple[float, float] | None = (0.1, 0.2)  # 3-tap Gaussian, sigma from this range
+    erasing_p: float = 0.3
+    erasing_scale: tuple[float, float] = (0.05, 0.2)     # erased share of the area
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)      # aspect ratio of the erased box
+    mixup_alpha: float = 0.8       # Beta(alpha, alpha) for Mixup's lambda
+    cutmix_alpha: float = 0.8      # Beta(alpha, alpha) for CutMix's lambda
+    cutmix_p: float = 0.5          # per sample: CutMix instead of Mixup (when both are on)
+    label_smoothing: float = 0.1
+
+
+POLICIES = {
+    # The original project's chain, parameter for parameter.
+    "original": Policy(),
+    # For short fine-tuning runs: flips, small shifts and light Mixup, as in BiT's fine-tuning
+    # recipe (Kolesnikov et al., 2020: crops and flips, Mixup alpha 0.1). Heavy regularisation
+    # pays off over 100 epochs but slows convergence when there are only a handful.
+    "light": Policy(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0, rotation_deg=0,
+                    affine_deg=0, affine_translate=0.125, perspective_p=0, blur_sigma=None,
+                    erasing_p=0, mixup_alpha=0.1, cutmix_alpha=0),
+    # Nothing but the resize and normalisation (and label smoothing): the evaluation path.
+    "none": Policy(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0, hflip_p=0,
+                   rotation_deg=0, affine_deg=0, affine_translate=0, perspective_p=0,
+                   blur_sigma=None, erasing_p=0, mixup_alpha=0, cutmix_alpha=0),
+}
+
+
+def make_policy(name: str = "original", **overrides) -> Policy:
+    """A named policy with some of its parameters changed; unknown names and keys are errors."""
+    if name not in POLICIES:
+        raise UserError(f"unknown augmentation policy {name!r}; choose one of {', '.join(POLICIES)}.")
+    known = {f.name for f in fields(Policy)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown augmentation setting(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(known))}.")
+    policy = replace(POLICIES[name], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    for f in fields(Policy):
+        v = getattr(policy, f.name)
+        if f.name.endswith("_p") and not (isinstance(v, (int, float)) and 0 <= v <= 1):
+            raise UserError(f"augmentation setting {f.name} is a probability, so between 0 and 1, not {v!r}.")
+    return policy
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = x.new_tensor(GRAY).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB -> HSV, rotate the hue by `shift` (per sample, in turns), -> RGB."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h.unsqueeze(1) * 6) % 6
+    return maxc.unsqueeze(1) - maxc.unsqueeze(1) * s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter per sample: `factors` (B, 4) are brightness, contrast, saturation
+    and hue shift; `order` (B, 4) is each sample's order of the four operations."""
+    ops = (
+        lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp(0, 1),
+        lambda x, f: (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * _gray(x).mean((2, 3), keepdim=True)).clamp(0, 1),
+        lambda x, f: (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * _gray(x)).clamp(0, 1),
+        _shift_hue,
+    )
+    for step in range(4):
+        op = order[:, step].view(-1, 1, 1, 1)
+        x = sum(torch.where(op == k, fn(x, factors[:, k]), 0.0) for k, fn in enumerate(ops))
+    return x
+
+
+def _rotation(deg: torch.Tensor, tx=None, ty=None) -> torch.Tensor:
+    a = torch.deg2rad(deg)
+    m = torch.zeros(len(deg), 3, 3, device=deg.device)
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1], m[:, 2, 2] = a.cos(), -a.sin(), a.sin(), a.cos(), 1
+    if tx is not None:
+        m[:, 0, 2], m[:, 1, 2] = tx, ty
+    return m
+
+
+def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) matrices mapping the 4 points `src` (B, 4, 2) onto `dst` (B, 4, 2)."""
+    x, y, u, v = src[..., 0], src[..., 1], dst[..., 0], dst[..., 1]
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
+    a = torch.cat([rows_u, rows_v], 1)  # (B, 8, 8)
+    h = torch.linalg.solve(a, torch.cat([u, v], 1).unsqueeze(-1)).squeeze(-1)
+    return torch.cat([h, torch.ones_like(h[:, :1])], 1).view(-1, 3, 3)
+
+
+CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))  # tl, tr, br, bl (normalised)
+
+
+def geometry(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample forward matrices (B, 3, 3), in normalised coordinates: perspective . affine .
+    rotation . flip, the order in which the original applied them."""
+    flip = torch.diag_embed(torch.stack([p["flip"], torch.ones_like(p["flip"]), torch.ones_like(p["flip"])], 1))
+    corners = torch.tensor(CORNERS, device=flip.device).expand(len(flip), 4, 2)
+    persp = homography(corners, corners - corners.sign() * p["corner_shift"])  # corners move inwards
+    return persp @ _rotation(p["affine_deg"], p["tx"], p["ty"]) @ _rotation(p["rotation_deg"]) @ flip
+
+
+def warp(x: torch.Tensor, forward: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample `x` once at `size` x `size` through the inverse of `forward`; outside is 0."""
+    inv = torch.linalg.inv(forward).view(-1, 3, 3, 1, 1)
+    lin = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1  # pixel centres
+    gx, gy = lin.view(1, 1, -1), lin.view(1, -1, 1)
+    row = lambda r, out=None: torch.addcmul(inv[:, r, 2] + inv[:, r, 1] * gy, inv[:, r, 0], gx, out=out)  # noqa: E731
+    grid = torch.empty(len(x), size, size, 2, device=x.device, dtype=x.dtype)
+    row(0, grid[..., 0]), row(1, grid[..., 1])
+    grid.div_(row(2).unsqueeze(-1))  # the projective divide (1 without perspective)
+    # Inside the image, edge pixels extend to its border (as a plain resize does); outside it,
+    # black (as the original's rotations fill). Zero padding alone would darken every border.
+    outside = (grid.abs() > 1).any(-1).unsqueeze(1)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.masked_fill_(outside, 0.0)
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """torchvision's GaussianBlur(3, sigma) per sample: separable, reflect padding."""
+    side = torch.exp(-0.5 / sigma.clamp_min(1e-3) ** 2).view(-1, 1, 1, 1)
+    centre = 1 / (1 + 2 * side)
+    for dim in (3, 2):
+        n = x.shape[dim]
+        before = torch.cat([x.narrow(dim, 1, 1), x.narrow(dim, 0, n - 1)], dim)
+        after = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 2, 1)], dim)
+        x = centre * (x + side * (before + after))
+    return x
+
+
+def box_mask(size: int, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, 1, size, size) booleans, True inside each sample's box (empty where h or w is 0)."""
+    r = torch.arange(size, device=top.device).view(1, 1, -1, 1)
+    c = torch.arange(size, device=top.device).view(1, 1, 1, -1)
+    v = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
+    return ((r >= v(top)) & (r < v(top + h))) & ((c >= v(left)) & (c < v(left + w)))
+
+
+def pair_partners(b: int, device=None) -> torch.Tensor:
+    """Mixing partners: samples (0, 1), (2, 3), ...; an odd last sample is its own partner."""
+    partner = torch.arange(b, device=device) ^ 1
+    partner[-1:] = partner[-1:].clamp(max=b - 1)
+    return partner
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(
+        1, labels.view(-1, 1), 1 - smoothing + off)
+
+
+@dataclass
+class BatchAugment:
+    """`images uint8 (B, 3, 32, 32), labels (B,)` -> `inputs (B, 3, size, size), soft targets (B, C)`.
+
+    Mixup and CutMix are written here rather than taken from timm: timm's `Mixup` draws one
+    lambda per batch, or loops over the samples in Python for per-sample lambdas, and draws from
+    numpy's global generator, so neither the per-sample rule nor seeding by a generator held.
+    Pairs are neighbours, (0, 1), (2, 3), ..., in a shuffled batch (timm pairs i with B-1-i);
+    neighbours keep a pair inside one chunk of the CPU path. An odd last sample is left unmixed.
+    """
+    policy: Policy
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def sample(self, b: int) -> dict[str, torch.Tensor]:
+        """Every random parameter of a batch of `b`, drawn on the CPU."""
+        p, g, s = self.policy, self.generator, self.size
+        u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+        sym = lambda v: (u(b) * 2 - 1) * v  # noqa: E731
+        on = lambda prob: u(b) < prob  # noqa: E731
+        area = (p.erasing_scale[0] + u(b) * (p.erasing_scale[1] - p.erasing_scale[0])) * s * s
+        ratio = torch.exp(math.log(p.erasing_ratio[0]) + u(b) * math.log(p.erasing_ratio[1] / p.erasing_ratio[0]))
+        eh = (area * ratio).sqrt().round().clamp(1, s).long()
+        ew = (area / ratio).sqrt().round().clamp(1, s).long()
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+        beta = lambda a: torch.from_numpy(rng.beta(a, a, b)).float() if a > 0 else torch.ones(b)  # noqa: E731
+        use_cutmix = on(p.cutmix_p if p.mixup_alpha > 0 and p.cutmix_alpha > 0 else float(p.cutmix_alpha > 0))
+        lam = torch.where(use_cutmix, beta(p.cutmix_alpha), beta(p.mixup_alpha))
+        cut = (1 - lam).sqrt()
+        ch, cw = (s * cut).long(), (s * cut).long()
+        cy, cx = (u(b) * s).long(), (u(b) * s).long()
+        y0, y1 = (cy - ch // 2).clamp(0, s), (cy + ch // 2).clamp(0, s)
+        x0, x1 = (cx - cw // 2).clamp(0, s), (cx + cw // 2).clamp(0, s)
+        return {
+            "jitter": torch.stack([1 + sym(p.brightness), 1 + sym(p.contrast), 1 + sym(p.saturation), sym(p.hue)], 1),
+            "order": torch.argsort(u(b, 4), 1),
+            "grayscale": on(p.grayscale_p),
+            "flip": torch.where(on(p.hflip_p), -1.0, 1.0),
+            "rotation_deg": sym(p.rotation_deg),
+            "affine_deg": sym(p.affine_deg),
+            "tx": sym(2 * p.affine_translate), "ty": sym(2 * p.affine_translate),  # 2: [-1, 1] spans the image
+            "corner_shift": u(b, 4, 2) * p.perspective_distortion * on(p.perspective_p).view(-1, 1, 1),
+            "sigma": p.blur_sigma[0] + u(b) * (p.blur_sigma[1] - p.blur_sigma[0]) if p.blur_sigma else torch.zeros(b),
+            "erase_box": torch.stack([  # top, left, height, width; 0 x 0 where not erasing
+                (u(b) * (s - eh + 1)).long(), (u(b) * (s - ew + 1)).long(), eh, ew], 1) * on(p.erasing_p).view(-1, 1),
+            "mix": torch.tensor(p.mixup_alpha > 0 or p.cutmix_alpha > 0).expand(b),
+            "cutmix": use_cutmix, "cut_box": torch.stack([y0, x0, y1 - y0, x1 - x0], 1),
+            "lam": torch.where(use_cutmix, 1 - (y1 - y0) * (x1 - x0) / (s * s), lam),
+        }
+
+    def apply(self, images: torch.Tensor, labels: torch.Tensor, p: dict[str, torch.Tensor]):
+        """Apply drawn parameters `p` (see `sample`) to a batch; returns inputs and soft targets."""
+        pol, dev, s, b = self.policy, images.device, self.size, len(images)
+        p = {k: v.to(dev) for k, v in p.items()}
+        x = images.float().div_(255)
+        if pol.brightness or pol.contrast or pol.saturation or pol.hue:
+            x = color_jitter(x, p["jitter"], p["order"])
+        if pol.grayscale_p:
+            x = torch.where(p["grayscale"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        if pol.blur_sigma:  # at 32 px, sigma scaled to match the original's blur at `size`
+            x = blur(x, p["sigma"] * x.shape[-1] / s)
+        # Warping x / std and then subtracting mean / std equals normalising after the warp, and
+        # keeps the outside black as in the original (padding with 0 before normalisation).
+        out = warp(x / x.new_tensor(self.std).view(1, 3, 1, 1), geometry(p), s)
+        step = CPU_CHUNK if dev.type == "cpu" else b
+        for a in range(0, b, step):
+            part = slice(a, a + step)
+            self._finish(out[part], {k: v[part] for k, v in p.items()})
+        y = soft_targets(labels, self.num_classes, pol.label_smoothing)
+        if p["mix"].any():
+            y = y.lerp(y[pair_partners(b, dev)], (1 - p["lam"]).view(-1, 1))
+        return out, y
+
+    def _finish(self, out: torch.Tensor, p: dict[str, torch.Tensor]):
+        """Normalisation, erasing and mixing of one chunk of warped images, in place.
+
+        Full-size tensors are touched as few times as possible and in place: on a CPU, fresh
+        allocations of that size cost more than the arithmetic, and a chunk of `CPU_CHUNK`
+        images stays in the cache from one pass to the next.
+        """
+        out.sub_((out.new_tensor(self.mean) / out.new_tensor(self.std)).view(1, 3, 1, 1))
+        if self.policy.erasing_p:
+            out.masked_fill_(box_mask(self.size, *p["erase_box"].unbind(1)), 0.0)
+        if p["mix"].any():
+            cut = p["cutmix"].view(-1, 1, 1, 1)
+            weight = torch.where(cut, box_mask(self.size, *p["cut_box"].unbind(1)), (1 - p["lam"]).view(-1, 1, 1, 1))
+            out.lerp_(out[pair_partners(len(out), out.device)], weight)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        return self.apply(images, labels, self.sample(len(images)))

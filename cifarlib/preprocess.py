@@ -1,0 +1,84 @@
+"""The one evaluation path (validation, test and inference), user images, and normalisation.
+
+Evaluation is resize plus normalise: uint8 (B, 3, 32, 32) -> float (B, 3, size, size), bilinear,
+with the backbone's own mean and std. It is exactly `BatchAugment` with every operation off.
+
+A user's picture is first made to look like a CIFAR image, then takes the same path:
+EXIF rotation applied; any mode (RGBA, LA, P, CMYK, L, 1, 16-bit, float) brought to 8-bit RGB,
+transparency composited on white; the shorter side resized to 32 px and the centre cropped square
+(`ImageOps.fit`, with antialiasing); then resize and normalise like a test image. The original
+project resized photos straight to 224 px, a sharpness the model never saw in training: every
+training image was upsampled from 32 px.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .errors import UserError
+
+CIFAR_SIZE = 32
+
+
+def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the backbone's default pretrained weights, from torchvision's or timm's
+    metadata (no download). Local weight files and `weights="none"` use the same values, so a
+    model is always fed what its architecture's pretrained weights expect."""
+    import torchvision
+
+    if backbone in torchvision.models.list_models(module=torchvision.models):
+        preset = torchvision.models.get_model_weights(backbone).DEFAULT.transforms()
+        return tuple(preset.mean), tuple(preset.std)
+    import timm
+
+    cfg = timm.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+    if cfg is None:
+        raise UserError(f"unknown backbone {backbone!r}: neither a torchvision classification "
+                        "model nor a timm model (see timm.list_models()).")
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def evaluation_inputs(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, h, w) on any device -> normalised float (B, 3, size, size)."""
+    x = images.float() / 255
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale: rescale
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else top
+        img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray) -> torch.Tensor:
+    """Any picture -> uint8 (3, 32, 32), by the rule in this module's docstring.
+
+    Accepts a path, encoded bytes, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(image)))
+    elif isinstance(image, (str, Path, os.PathLike)):
+        image = Image.open(image)
+    image = _to_rgb(ImageOps.exif_transpose(image))
+    small = ImageOps.fit(image, (CIFAR_SIZE, CIFAR_SIZE), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

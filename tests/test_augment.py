@@ -1,0 +1,194 @@
+"""Batch augmentation: faithful to the original's operations, per sample, one resample, seeded."""
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from cifarlib import augment
+from cifarlib.augment import BatchAugment, make_policy
+from cifarlib.errors import UserError
+from cifarlib.preprocess import evaluation_inputs
+from cifarlib.synthetic import make_images
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def batch(n=16, seed=0):
+    labels = torch.arange(n) % 100
+    return make_images(labels, seed), labels
+
+
+def aug(policy="none", size=64, seed=0, **overrides):
+    return BatchAugment(make_policy(policy, **overrides), size, MEAN, STD, num_classes=100, seed=seed)
+
+
+def pixels(x):
+    """Undo the normalisation: back to [0, 1] pixel values."""
+    return x * torch.tensor(STD, device=x.device).view(1, 3, 1, 1) + torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["original", "light", "none"])
+def test_shapes_dtypes_devices_and_no_nan(device, policy):
+    images, labels = batch(10)
+    x, y = aug(policy, size=96)(images.to(device), labels.to(device))
+    assert x.shape == (10, 3, 96, 96) and x.dtype == torch.float32 and x.device.type == device
+    assert y.shape == (10, 100) and y.device.type == device
+    assert not x.isnan().any() and not y.isnan().any()
+    assert torch.allclose(y.sum(1), torch.ones(10, device=device))
+
+
+def test_identity_parameters_reproduce_the_evaluation_path():
+    images, labels = batch(8)
+    x, y = aug("none", size=224)(images, labels)
+    assert torch.allclose(x, evaluation_inputs(images, 224, MEAN, STD), atol=1e-4)
+    x32, _ = aug("none", size=32)(images, labels)  # no resize: the input itself, normalised
+    assert torch.allclose(pixels(x32), images.float() / 255, atol=1e-5)
+
+
+def test_random_parameters_differ_across_the_samples_of_a_batch():
+    p = aug("original").sample(64)
+    for key in ("rotation_deg", "affine_deg", "tx", "ty"):
+        assert len(p[key].unique()) == 64, key
+    assert len(p["jitter"].unique(dim=0)) == 64 and len(p["order"].unique(dim=0)) > 10
+    assert 0 < p["flip"].eq(-1).sum() < 64 and 0 < p["cutmix"].sum() < 64
+
+
+def test_the_geometric_path_resamples_once_per_batch(monkeypatch):
+    calls = []
+    real = augment.F.grid_sample
+    monkeypatch.setattr(augment.F, "grid_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(augment.F, "interpolate", lambda *a, **k: pytest.fail("a second resample"))
+    images, labels = batch(40)
+    a = aug("original", size=128)
+    a(images, labels)
+    assert len(calls) == 1
+    a(images, labels)
+    assert len(calls) == 2
+
+
+def test_rates_of_flip_grayscale_perspective_and_erasing():
+    n = 4000  # binomial sd <= 0.008; bounds are 5 sd
+    p = aug("original").sample(n)
+    assert abs(p["flip"].eq(-1).float().mean() - 0.5) < 0.04
+    assert abs(p["grayscale"].float().mean() - 0.2) < 0.032
+    assert abs(p["corner_shift"].abs().sum((1, 2)).gt(0).float().mean() - 0.2) < 0.032
+    erased = p["erase_box"][:, 2] > 0
+    assert abs(erased.float().mean() - 0.3) < 0.037
+    area = (p["erase_box"][erased, 2] * p["erase_box"][erased, 3]).float() / 64**2
+    assert area.min() > 0.04 and area.max() < 0.22  # scale 0.05-0.2, after rounding
+    assert abs(p["cutmix"].float().mean() - 0.5) < 0.04
+
+
+def test_rotation_and_affine_angles_stay_within_15_degrees():
+    p = aug("original").sample(4000)
+    for key in ("rotation_deg", "affine_deg"):
+        assert p[key].abs().max() <= 15 and p[key].max() > 14.5 and p[key].min() < -14.5
+    assert p["tx"].abs().max() <= 0.2  # 0.1 of the width, in [-1, 1] coordinates
+
+
+def test_flip_grayscale_and_erasing_do_what_they_say():
+    images, labels = batch(8)
+    plain, _ = aug("none", size=32)(images, labels)
+    flipped, _ = aug("none", size=32, hflip_p=1)(images, labels)
+    assert torch.allclose(flipped, plain.flip(-1), atol=1e-5)
+    gray, _ = aug("none", size=32, grayscale_p=1)(images, labels)
+    g = pixels(gray)
+    assert torch.allclose(g[:, 0], g[:, 1], atol=1e-5) and torch.allclose(g[:, 1], g[:, 2], atol=1e-5)
+    erased, _ = aug("none", size=64, erasing_p=1)(images, labels)
+    zero = (erased == 0).all(1).float().mean((1, 2))
+    assert (zero > 0.04).all() and (zero < 0.22).all()
+
+
+@pytest.mark.parametrize("k,fn", [(0, TF.adjust_brightness), (1, TF.adjust_contrast),
+                                  (2, TF.adjust_saturation), (3, TF.adjust_hue)])
+def test_colour_operations_match_torchvision(k, fn):
+    x = make_images(torch.arange(6)).float() / 255
+    factors = torch.ones(6, 4)
+    factors[:, 3] = 0
+    values = torch.tensor([0.7, 0.8, 0.9, 1.1, 1.2, 1.3]) if k < 3 else torch.linspace(-0.1, 0.1, 6)
+    factors[:, k] = values
+    order = torch.tensor([[k] + [j for j in range(4) if j != k]] * 6)
+    ours = augment.color_jitter(x, factors, order)
+    ref = torch.stack([fn(x[i], float(values[i])) for i in range(6)])
+    assert torch.allclose(ours, ref, atol=2e-5)
+
+
+def test_blur_matches_torchvision_per_sample():
+    x = make_images(torch.arange(3)).float() / 255
+    sigma = torch.tensor([0.5, 0.8, 1.5])
+    ref = torch.stack([TF.gaussian_blur(x[i], [3, 3], [float(s)] * 2) for i, s in enumerate(sigma)])
+    assert torch.allclose(augment.blur(x, sigma), ref, atol=1e-5)
+
+
+def test_perspective_matrices_move_the_corners_as_drawn():
+    src = torch.tensor(augment.CORNERS).expand(5, 4, 2)
+    dst = src - src.sign() * torch.rand(5, 4, 2) * 0.5
+    h = augment.homography(src, dst)
+    mapped = torch.cat([src, torch.ones(5, 4, 1)], -1) @ h.transpose(1, 2)
+    assert torch.allclose(mapped[..., :2] / mapped[..., 2:], dst, atol=1e-5)
+
+
+def constant_batch(n=12):
+    """Image i is one flat grey level, so where each output pixel came from can be read off."""
+    levels = torch.linspace(10, 245, n).round().to(torch.uint8)
+    return levels.view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous(), torch.arange(n), levels.float() / 255
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixed_images_and_targets_agree(kind):
+    images, labels, levels = constant_batch()
+    settings = dict(mixup_alpha=0.8 if kind == "mixup" else 0, cutmix_alpha=0.8 if kind == "cutmix" else 0,
+                    label_smoothing=0)
+    x, y = aug("none", size=32, **settings)(images, labels)
+    partner = augment.pair_partners(12)
+    lam = y[torch.arange(12), labels]  # the share of each image's own label
+    assert torch.allclose(y[torch.arange(12), labels[partner]], 1 - lam, atol=1e-6)
+    g = pixels(x)[:, 0]
+    if kind == "mixup":
+        expect = lam * levels + (1 - lam) * levels[partner]
+        assert torch.allclose(g.mean((1, 2)), expect, atol=1e-4)
+    else:
+        own = (g - levels.view(-1, 1, 1)).abs() < 1e-4
+        assert torch.allclose(own.float().mean((1, 2)), lam, atol=1e-6)
+
+
+def test_targets_carry_label_smoothing_and_sum_to_one():
+    images, labels = batch(16)
+    _, plain = aug("none", label_smoothing=0.1)(images, labels)
+    assert torch.allclose(plain.max(1).values, torch.full((16,), 0.9 + 0.001))
+    assert torch.allclose(plain.min(1).values, torch.full((16,), 0.001))
+    _, mixed = aug("original")(images, labels)
+    assert torch.allclose(mixed.sum(1), torch.ones(16)) and (mixed >= 0.001 - 1e-7).all()
+    partner = augment.pair_partners(16)
+    assert torch.allclose(mixed[torch.arange(16), labels] + mixed[torch.arange(16), labels[partner]],
+                          torch.full((16,), 0.9 + 0.002), atol=1e-6)
+
+
+def test_odd_batches_mix_with_the_last_sample_left_alone():
+    images, labels = batch(7)
+    x, y = aug("none", size=32, mixup_alpha=0.8, label_smoothing=0)(images, labels)
+    assert y[6, labels[6]] == 1 and torch.allclose(pixels(x[6]), images[6].float() / 255, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_batch(device):
+    images, labels = batch(12)
+    images, labels = images.to(device), labels.to(device)
+    a, b, c = aug("original", seed=5), aug("original", seed=5), aug("original", seed=6)
+    xa, ya = a(images, labels)
+    xb, yb = b(images, labels)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, c(images, labels)[0])
+    assert not torch.equal(xa, a(images, labels)[0])  # the next batch draws afresh
+
+
+def test_policies_are_checked():
+    with pytest.raises(UserError, match="unknown augmentation policy 'heavy'"):
+        make_policy("heavy")
+    with pytest.raises(UserError, match="unknown augmentation setting.*rotation_degrees"):
+        make_policy("original", rotation_degrees=10)
+    with pytest.raises(UserError, match="grayscale_p is a probability"):
+        make_policy("original", grayscale_p=1.5)
+    assert make_policy("light", erasing_scale=[0.1, 0.2]).erasing_scale == (0.1, 0.2)
