@@ -78,6 +78,28 @@ POLICIES = {
 }
 
 
+# Each operation of a policy alone, for previews: the settings that switch it on.
+OPERATIONS = {
+    "colour jitter": ("brightness", "contrast", "saturation", "hue"),
+    "grayscale": ("grayscale_p",), "flip": ("hflip_p",), "rotation": ("rotation_deg",),
+    "affine": ("affine_deg", "affine_translate"),
+    "perspective": ("perspective_p", "perspective_distortion"), "blur": ("blur_sigma",),
+    "erasing": ("erasing_p", "erasing_scale", "erasing_ratio"),
+}
+
+
+def single_operations(policy: Policy) -> dict[str, Policy]:
+    """Each operation of `policy` alone (probabilities raised to 1 so that it shows), no mixing."""
+    out = {}
+    for name, keys in OPERATIONS.items():
+        settings = {k: getattr(policy, k) for k in keys}
+        switches = [k for k in keys if k.endswith("_p")]
+        if all(settings[k] for k in switches) and any(settings.values()):
+            settings.update({k: 1.0 for k in switches})
+            out[name] = replace(POLICIES["none"], label_smoothing=0, **settings)
+    return out
+
+
 def make_policy(name: str = "original", **overrides) -> Policy:
     """A named policy with some of its parameters changed; unknown names and keys are errors."""
     if name not in POLICIES:
@@ -172,9 +194,8 @@ def warp(x: torch.Tensor, forward: torch.Tensor, size: int) -> torch.Tensor:
     grid.div_(row(2).unsqueeze(-1))  # the projective divide (1 without perspective)
     # Inside the image, edge pixels extend to its border (as a plain resize does); outside it,
     # black (as the original's rotations fill). Zero padding alone would darken every border.
-    outside = (grid.abs() > 1).any(-1).unsqueeze(1)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.masked_fill_(outside, 0.0)
+    return out.masked_fill_(grid.abs_().amax(-1).unsqueeze(1) > 1, 0.0)  # grid is spent: in place
 
 
 def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,14 @@ def _check_args(dataset: str, val_fraction: float, caps: dict[str, int | None]) 
             raise UserError(f"{key} must be a positive whole number or None, not {n!r}.")
 
 
+def resolve_dataset(dataset: str, data_dir: str | Path = "data") -> str:
+    """`"auto"`: real CIFAR-100 when its folder or tarball is in `data_dir`, else `"synthetic"`."""
+    if dataset != "auto":
+        return dataset
+    src, root = sources.SOURCES["cifar100"], runtime.resolve_path(data_dir)
+    return "cifar100" if (root / src.folder).is_dir() or (root / src.tarball).is_file() else "synthetic"
+
+
 def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
                val_fraction: float = 0.1, seed: int = 0, max_train_samples: int | None = None,
                max_eval_samples: int | None = None, verify_checksums: bool = True,

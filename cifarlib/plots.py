@@ -1,0 +1,99 @@
+"""Figures and tables for the notebooks: image grids, class tables, balance and statistics."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import torch
+
+from .data import CifarData, Split
+
+
+def to_display(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """uint8 images, or normalised float inputs with their mean/std, -> float HWC in [0, 1]."""
+    x = x.detach().float().cpu()
+    if mean is not None:
+        x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    elif x.max() > 1.5:
+        x = x / 255
+    return x.clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def image_grid(rows: list[torch.Tensor], row_labels=None, titles=None, size: float = 1.3, **display):
+    """One row of images per entry of `rows` (each (N, 3, H, W)); optional labels and titles."""
+    ncols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * size, len(rows) * size), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+            if j < len(row):
+                ax.imshow(to_display(row[j:j + 1], **display)[0], interpolation="nearest")
+            if titles is not None and j < len(titles[i]):
+                ax.set_title(titles[i][j], fontsize=7)
+        if row_labels is not None:
+            axes[i][0].set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def class_table(d: CifarData) -> pd.DataFrame:
+    """The classes, grouped by superclass where the dataset has them."""
+    if d.superclasses is None:
+        return pd.DataFrame({"class": d.classes}).rename_axis("label")
+    rows = [{"superclass": name, "classes": ", ".join(
+        c for c, coarse in zip(d.classes, d.fine_to_coarse.tolist()) if coarse == i)}
+        for i, name in enumerate(d.superclasses)]
+    return pd.DataFrame(rows).rename_axis("coarse label")
+
+
+def samples_by_group(d: CifarData, split: Split, per_class: int = 2, seed: int = 0):
+    """Rows of sample images: one row per superclass (its classes side by side), or per class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = split.labels.cpu()
+    pick = lambda c: split.images[labels.eq(c).nonzero().flatten()[  # noqa: E731
+        torch.randperm(int(labels.eq(c).sum()), generator=g)[:per_class]].to(split.images.device)]
+    if d.superclasses is None:
+        return [pick(c) for c in range(d.num_classes)], d.classes
+    groups = [[c for c in range(d.num_classes) if d.fine_to_coarse[c] == s] for s in range(len(d.superclasses))]
+    return [torch.cat([pick(c) for c in group]) for group in groups], d.superclasses
+
+
+def balance(d: CifarData) -> pd.DataFrame:
+    """Images per class in each split."""
+    counts = {name: torch.bincount(getattr(d, name).labels.cpu(), minlength=d.num_classes).tolist()
+              for name in ("train", "val", "test")}
+    return pd.DataFrame(counts, index=pd.Index(d.classes, name="class"))
+
+
+def plot_balance(table: pd.DataFrame):
+    long = table.reset_index().melt(id_vars="class", var_name="split", value_name="images")
+    fig, ax = plt.subplots(figsize=(12, 3))
+    sns.stripplot(data=long, x="class", y="images", hue="split", ax=ax, size=3, jitter=False)
+    ax.set_xticks([])
+    ax.set_xlabel(f"{len(table)} classes")
+    ax.set_title("images per class in each split")
+    return fig
+
+
+def channel_stats(d: CifarData) -> pd.DataFrame:
+    """Per-channel mean and std of each split, as fractions of 255."""
+    rows = {}
+    for name in ("train", "val", "test"):
+        x = getattr(d, name).images.float() / 255
+        for c, channel in enumerate("RGB"):
+            rows[(name, channel)] = {"mean": x[:, c].mean().item(), "std": x[:, c].std().item()}
+    return pd.DataFrame(rows).T.rename_axis(["split", "channel"])
+
+
+def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
+    """The `n` pairs of classes whose mean training images (8x8) are closest: look-alikes."""
+    x = torch.nn.functional.avg_pool2d(d.train.images.float().cpu(), 4).flatten(1)
+    labels = d.train.labels.cpu()
+    means = torch.zeros(d.num_classes, x.shape[1]).index_add_(0, labels, x)
+    means /= torch.bincount(labels, minlength=d.num_classes).clamp_min(1).unsqueeze(1)
+    dist = torch.cdist(means, means) + torch.eye(d.num_classes) * 1e9
+    flat = dist.triu(1).flatten()
+    order = torch.argsort(torch.where(flat > 0, flat, torch.tensor(float("inf"))))[:n]
+    return [(int(i) // d.num_classes, int(i) % d.num_classes) for i in order]
