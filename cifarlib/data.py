@@ -61,8 +61,9 @@ class CifarData:
         return len(self.classes)
 
     def to(self, device: str | torch.device) -> CifarData:
+        f2c = None if self.fine_to_coarse is None else self.fine_to_coarse.to(device)
         return replace(self, train=self.train.to(device), val=self.val.to(device),
-                       test=self.test.to(device))
+                       test=self.test.to(device), fine_to_coarse=f2c)
 
 
 class _NumpyOnly(pickle.Unpickler):
@@ -86,8 +87,8 @@ def _read_pickle(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as f:
             raw = _NumpyOnly(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not a readable CIFAR pickle ({e}).") from None
+    except Exception as e:  # a damaged pickle can fail in many ways; none of them is a bug here
+        raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}).") from None
     text = lambda v: v.decode("latin1") if isinstance(v, bytes) else v  # noqa: E731
     out = {text(k): v for k, v in raw.items()} if isinstance(raw, dict) else None
     if out is None:
@@ -103,7 +104,7 @@ def _read_split(folder: Path, files: tuple[str, ...], cifar100: bool) -> Split:
             images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             fine += list(d["fine_labels" if cifar100 else "labels"])
             coarse += list(d["coarse_labels"]) if cifar100 else []
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{folder / name} is not in the CIFAR layout ({type(e).__name__}: {e}).") from None
     x = torch.from_numpy(np.concatenate(images))
     y = torch.tensor(fine, dtype=torch.int64)
@@ -201,10 +202,16 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
 
     cifar100 = dataset != "cifar10"
     meta = _read_pickle(folder / src.meta_file)
-    classes = list(meta["fine_label_names" if cifar100 else "label_names"])
-    superclasses = list(meta["coarse_label_names"]) if cifar100 else None
+    try:
+        classes = list(meta["fine_label_names" if cifar100 else "label_names"])
+        superclasses = list(meta["coarse_label_names"]) if cifar100 else None
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{folder / src.meta_file} lacks the class names ({type(e).__name__}: {e}).") from None
     full_train = _read_split(folder, src.train_files, cifar100)
     test = _read_split(folder, src.test_files, cifar100)
+    for split in (full_train, test):
+        if len(split) and not (0 <= int(split.labels.min()) and int(split.labels.max()) < len(classes)):
+            raise UserError(f"{folder} has labels outside 0..{len(classes) - 1}, the range of its class names.")
     fine_to_coarse = None
     if cifar100:
         fine_to_coarse = torch.zeros(len(classes), dtype=torch.int64)
@@ -250,7 +257,9 @@ class Batches:
             yield self.split.images[idx], self.split.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.epoch(0)
+        """Each `iter()` is the next epoch (0, 1, ...); `epoch(e)` replays any one."""
+        self._next = getattr(self, "_next", -1) + 1
+        return self.epoch(self._next)
 
 
 def main(argv: list[str] | None = None) -> None:

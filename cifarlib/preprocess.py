@@ -59,8 +59,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         top = 1.0 if img.mode == "F" and a.max() <= 1.0 else top
         img = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")  # palette or tRNS transparency: keep it, to composite on white
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -73,12 +73,17 @@ def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray) -> t
 
     Accepts a path, encoded bytes, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
     """
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(image)))
-    elif isinstance(image, (str, Path, os.PathLike)):
-        image = Image.open(image)
-    image = _to_rgb(ImageOps.exif_transpose(image))
+    try:
+        if isinstance(image, np.ndarray):
+            if image.dtype.kind == "f":  # floats are taken as 0..1
+                image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+            image = Image.fromarray(image)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(image)))
+        elif isinstance(image, (str, Path, os.PathLike)):
+            image = Image.open(image)
+        image = _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, TypeError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise UserError(f"not a usable image ({type(e).__name__}: {e}).") from None
     small = ImageOps.fit(image, (CIFAR_SIZE, CIFAR_SIZE), method=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

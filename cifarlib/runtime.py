@@ -41,8 +41,11 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def rank() -> int:
-    """This process's rank under torchrun; 0 when not distributed."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank under torchrun (from the environment before the process group
+    starts); 0 when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_main_process() -> bool:

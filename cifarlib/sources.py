@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
 import os
 import shutil
 import socket
@@ -95,6 +96,15 @@ def _check_folder(folder: Path, src: Source, verify: bool) -> None:
             _check_md5(folder / name, expected, f"{src.title} file")
 
 
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place; if another process already did, keep theirs."""
+    try:
+        os.replace(tmp, final)
+    except OSError as e:
+        if not (e.errno in (errno.ENOTEMPTY, errno.EEXIST) and final.is_dir()):
+            raise
+
+
 def _disk_full(e: OSError, path: Path) -> UserError | None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"no space left on the disk while writing {path}; nothing was kept. "
@@ -119,7 +129,7 @@ def extract(tarball: Path, src: Source) -> Path:
             else:
                 tf.extractall(tmp, members=members)
         (tmp / src.folder).chmod(0o755)
-        os.replace(tmp / src.folder, final)
+        move_into_place(tmp / src.folder, final)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise UserError(f"{tarball} is truncated or corrupt ({e}); nothing was extracted. "
                         "Delete it and place the official file there, or allow the download.") from None
@@ -160,18 +170,29 @@ def download(src: Source, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> st
         return reason
     part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(src.url, timeout=timeout) as r, open(part, "wb") as f, tqdm(
-                total=int(r.headers.get("Content-Length") or 0) or None, unit="B",
+        response = urllib.request.urlopen(src.url, timeout=timeout)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused, TLS
+        return f"the download from {src.url} failed ({getattr(e, 'reason', e)})"
+    complete = False
+    try:
+        with response, open(part, "wb") as f, tqdm(
+                total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
                 unit_scale=True, desc=f"downloading {src.tarball}") as bar:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except (OSError, http.client.HTTPException) as e:  # the network, not the disk
+                    return f"the download from {src.url} broke off ({e})"
+                if not chunk:
+                    break
                 f.write(chunk)
                 bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout) as e:
-        part.unlink(missing_ok=True)
-        return f"the download from {src.url} failed ({getattr(e, 'reason', e)})"
-    except OSError as e:
-        part.unlink(missing_ok=True)
+        complete = True
+    except OSError as e:  # writing failed
         raise (_disk_full(e, part) or UserError(f"could not write {part}: {e}")) from None
+    finally:
+        if not complete:
+            part.unlink(missing_ok=True)
     if md5sum(part) != src.tarball_md5:
         part.unlink(missing_ok=True)
         return f"the file downloaded from {src.url} did not match the official checksum"

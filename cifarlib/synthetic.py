@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .sources import move_into_place
 from .classes import (CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_FINE_TO_COARSE,
                       CIFAR100_SUPERCLASSES)
 
@@ -90,7 +91,7 @@ def _write_atomically(folder: Path, fill) -> Path:
     try:
         fill(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        os.replace(tmp, folder)
+        move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

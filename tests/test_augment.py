@@ -192,3 +192,83 @@ def test_policies_are_checked():
     with pytest.raises(UserError, match="grayscale_p is a probability"):
         make_policy("original", grayscale_p=1.5)
     assert make_policy("light", erasing_scale=[0.1, 0.2]).erasing_scale == (0.1, 0.2)
+
+
+def smooth(size=32):
+    """A smooth test image, so that bilinear resampling is compared, not aliasing."""
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    return torch.stack([torch.sin(xx / 5), torch.cos(yy / 4), torch.sin((xx + yy) / 7)]).add(1.2).div(2.4).unsqueeze(0)
+
+
+INNER = (slice(None), slice(None), slice(8, 24), slice(8, 24))
+
+
+def test_rotation_and_affine_warps_match_torchvision():
+    from torchvision.transforms import InterpolationMode
+    img, th = smooth(), torch.tensor([10.0])
+    ours = augment.warp(img, augment._rotation(th), 32)
+    ref = TF.rotate(img, -10.0, interpolation=InterpolationMode.BILINEAR)  # ours turns clockwise
+    assert torch.allclose(ours[INNER], ref[INNER], atol=1e-5)
+    ours = augment.warp(img, augment._rotation(th, torch.tensor([0.25]), torch.tensor([-0.125])), 32)
+    ref = TF.affine(img, angle=10.0, translate=[4, -2], scale=1.0, shear=[0.0, 0.0],
+                    interpolation=InterpolationMode.BILINEAR)  # 0.25 of [-1, 1] is 4 px of 32
+    assert torch.allclose(ours[INNER], ref[INNER], atol=1e-5)
+
+
+def test_perspective_warp_matches_torchvision():
+    from torchvision.transforms import InterpolationMode
+    start = [[0, 0], [31, 0], [31, 31], [0, 31]]
+    end = [[5, 3], [27, 1], [30, 26], [2, 29]]
+    # torchvision's point coordinates run from 0 at the image's left edge to 32 at its right
+    to_norm = lambda pts: torch.tensor(pts, dtype=torch.float32) * 2 / 32 - 1  # noqa: E731
+    forward = augment.homography(to_norm(start).unsqueeze(0), to_norm(end).unsqueeze(0))
+    ours = augment.warp(smooth(), forward, 32)
+    ref = TF.perspective(smooth(), start, end, interpolation=InterpolationMode.BILINEAR)
+    assert torch.allclose(ours[INNER], ref[INNER], atol=1e-4)
+
+
+def test_geometry_composes_flip_rotation_affine_perspective_in_order():
+    from torchvision.transforms import InterpolationMode as IM
+    p = {"flip": torch.tensor([-1.0]), "rotation_deg": torch.tensor([8.0]), "affine_deg": torch.tensor([-6.0]),
+         "tx": torch.tensor([0.125]), "ty": torch.tensor([0.0]), "corner_shift": torch.zeros(1, 4, 2)}
+    ours = augment.warp(smooth(), augment.geometry(p), 32)
+    ref = TF.affine(TF.rotate(TF.hflip(smooth()), -8.0, interpolation=IM.BILINEAR), angle=-6.0, translate=[2, 0],
+                    scale=1.0, shear=[0.0, 0.0], interpolation=IM.BILINEAR)
+    # one resample against two: equal up to the second interpolation's blur
+    assert (ours[INNER] - ref[INNER]).abs().mean() < 0.01
+
+
+def test_outside_the_image_is_black_inside_it_edges_extend():
+    images = torch.full((4, 3, 32, 32), 200, dtype=torch.uint8)
+    x, _ = aug("none", size=64, rotation_deg=15)(images, torch.arange(4))
+    px = pixels(x)
+    rotated = aug("none", size=64, rotation_deg=15).sample(4)["rotation_deg"].abs() > 3
+    corners = px[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners[rotated] < 1e-5).all()  # black corners, as the original's fill
+    plain, _ = aug("none", size=64)(images, torch.arange(4))
+    assert torch.allclose(pixels(plain), torch.full_like(plain, 200 / 255), atol=1e-5)  # no dark rim
+
+
+def test_grayscale_is_per_sample_and_colour_order_matters():
+    images, labels = batch(64)
+    a = aug("none", size=32, grayscale_p=0.5)
+    p = a.sample(64)
+    g = pixels(a.apply(images, labels, p)[0])
+    flat = (g[:, 0] - g[:, 1]).abs().amax((1, 2)) < 1e-5
+    assert torch.equal(flat, p["grayscale"]) and 0 < flat.sum() < 64
+    x = make_images(torch.arange(2)).float() / 255
+    f = torch.tensor([[1.3, 0.7, 1.0, 0.0]] * 2)
+    bc = augment.color_jitter(x, f, torch.tensor([[0, 1, 2, 3]] * 2))
+    cb = augment.color_jitter(x, f, torch.tensor([[1, 0, 2, 3]] * 2))
+    assert torch.allclose(bc, TF.adjust_contrast(TF.adjust_brightness(x, 1.3), 0.7), atol=2e-5)
+    assert torch.allclose(cb, TF.adjust_brightness(TF.adjust_contrast(x, 0.7), 1.3), atol=2e-5)
+    assert not torch.allclose(bc, cb, atol=1e-3)
+
+
+def test_blur_runs_when_on_and_translation_reaches_its_range():
+    images, labels = batch(4)
+    sharp, _ = aug("none", size=32)(images, labels)
+    blurred, _ = aug("none", size=32, blur_sigma=(2.0, 2.0))(images, labels)
+    assert (sharp - blurred).abs().mean() > 0.05
+    t = aug("original").sample(4000)
+    assert t["tx"].abs().max() > 0.19 and t["ty"].abs().max() > 0.19

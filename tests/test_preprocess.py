@@ -76,3 +76,41 @@ def test_a_real_cifar_image_passes_through_unchanged():
 def test_normalisation_comes_from_the_backbone_metadata():
     assert normalization("resnet50") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert normalization("vit_small_patch16_224") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("mode,key", [("L", 0), ("RGB", (0, 0, 0))])
+def test_trns_transparency_of_l_and_rgb_pngs_becomes_white(mode, key):
+    buf = io.BytesIO()
+    Image.new(mode, (20, 20), key).save(buf, "PNG", transparency=key)
+    assert (cifar_like(buf.getvalue()) == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (60, 30), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 30, 30))  # red left half
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif)
+    out = cifar_like(buf.getvalue())  # upright it is 30 wide, 60 tall: red on top
+    assert out[0, 2, 16] > 200 and out[2, -3, 16] > 200
+
+
+@pytest.mark.parametrize("bad", [b"", b"not an image at all", "/no/such/file.png"])
+def test_unusable_inputs_are_clear_errors(bad):
+    from cifarlib.errors import UserError
+    with pytest.raises(UserError, match="not a usable image"):
+        cifar_like(bad)
+
+
+def test_truncated_image_is_a_clear_error():
+    from cifarlib.errors import UserError
+    buf = io.BytesIO()
+    rgb_image(64, 64).save(buf, "PNG")
+    with pytest.raises(UserError, match="not a usable image"):
+        cifar_like(buf.getvalue()[:300])
+
+
+def test_float_arrays_are_taken_as_zero_to_one():
+    out = cifar_like(np.full((10, 10, 3), 0.5, dtype=np.float32))
+    assert (out.float() - 127.5).abs().max() <= 1
