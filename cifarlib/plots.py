@@ -97,3 +97,39 @@ def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
     flat = dist.triu(1).flatten()
     order = torch.argsort(torch.where(flat > 0, flat, torch.tensor(float("inf"))))[:n]
     return [(int(i) // d.num_classes, int(i) % d.num_classes) for i in order]
+
+
+def loss_curves(history: list[dict]):
+    """Training and validation loss per epoch, validation accuracy, stage boundaries marked."""
+    h = pd.DataFrame(history)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if len(h):
+        h = h.astype({"epoch": int, "train_loss": float, "val_loss": float, "val_acc": float})
+        ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss (augmented, soft targets)")
+        ax.plot(h["epoch"], h["val_loss"], "o-", ms=3, label="validation loss")
+        acc = ax.twinx()
+        acc.plot(h["epoch"], h["val_acc"], "s--", ms=3, color="tab:green", label="validation accuracy")
+        acc.set_ylabel("accuracy")
+        acc.set_ylim(0, 1)
+        starts = h.index[h["stage"] != h["stage"].shift()]
+        for i in starts:
+            ax.axvline(h.loc[i, "epoch"] - 0.5, color="grey", lw=0.8, ls=":")
+            ax.text(h.loc[i, "epoch"] - 0.4, 0.98, h.loc[i, "stage"], transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    fig.tight_layout()
+    plt.close(fig)  # shown by whoever asked for it, not by pyplot's global state
+    return fig
+
+
+class LiveCurves:
+    """In a notebook: one loss-curve figure, redrawn in place after every epoch."""
+
+    def __init__(self):
+        from IPython.display import display
+        self.handle = display(None, display_id=True)
+
+    def __call__(self, history: list[dict]) -> None:
+        self.handle.update(loss_curves(history))

@@ -1,0 +1,198 @@
+"""Training configuration: stages as data, presets, epoch scaling and checked overrides.
+
+A stage names the layer groups it trains (see `cifarlib.model.GROUPS`), the peak learning rate of
+each, its share of the epochs, and the shape of its one-cycle schedule. A preset is a list of
+stages plus the rest of the recipe. `make_config(preset, **overrides)` checks every override
+(unknown keys, wrong types) and scales the stages to `epochs`.
+
+Presets:
+
+- `original` reproduces the original project exactly, oddities included:
+  * 10/15/75 epochs (of 100): the head alone at 0.01; then layer3/layer4/head at
+    5e-4/1e-3/5e-3; then layer1..head at 5e-5/1e-4/3e-4/8e-4/2e-3;
+  * the stem (conv1, bn1) is in no stage, so it keeps its ImageNet weights throughout, though
+    the last stage is called "all layers";
+  * SGD with Nesterov momentum 0.9 and weight decay 5e-4, batch 32, 224 px;
+  * a fresh `OneCycleLR` per stage (30% warm-up, cosine annealing) with PyTorch's defaults,
+    so the momentum is not 0.9 but cycles between 0.95 and 0.85 (`cycle_momentum`), and each
+    stage starts from its peak / 25 and ends at its peak / 1e5;
+  * early stopping on validation loss with patience 10, the counter reset at each stage, and a
+    stop ends the whole run (in the other presets a stop ends only the current stage).
+- `fast`: for a modern GPU. 16 epochs at batch 256: 1 epoch of head alone, then 15 of every
+  group with rates rising from stem to head, SGD Nesterov, the `light` augmentation. Based on:
+  Kornblith et al., "Do Better ImageNet Models Transfer Better?" (CVPR 2019), who fine-tune an
+  ImageNet ResNet-50 on CIFAR-100 to about 86% at 224 px with SGD and Nesterov momentum;
+  Kolesnikov et al., "Big Transfer (BiT)" (ECCV 2020), whose fine-tuning rule uses a few
+  thousand steps, crops and flips, and light Mixup; Goyal et al., "Accurate, Large Minibatch
+  SGD" (2017) for scaling the rate with the batch; Howard & Ruder, ULMFiT (2018) for
+  discriminative rates. Its CIFAR-100 accuracy is a projection until someone measures it.
+- `cpu`: a laptop budget. 64 px inputs (a ResNet-50 step costs 12x less than at 224 px),
+  3 epochs: 1 of head alone, then 2 of everything, AdamW, `light` augmentation without Mixup
+  (in a handful of epochs, regularisation costs more accuracy than it saves), batch 64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, get_args, get_type_hints
+
+from .errors import UserError
+from .model import GROUPS
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    share: float                  # share of the epochs (any scale; normalised over the stages)
+    groups: tuple[str, ...]       # the layer groups trained in this stage
+    lr: tuple[float, ...]         # peak learning rate of each group, in the same order
+    warmup: float = 0.3           # share of the stage spent rising to the peak (OneCycle pct_start)
+    anneal: str = "cos"           # "cos" or "linear"
+    epochs: int = 0               # set by scaling to the run's total
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs. The names match the notebook's parameters and the CLI's keys."""
+    preset: str = "original"      # the recipe: "original", "fast" or "cpu"
+    epochs: int = 100             # total epochs; the stages share them in proportion
+    dataset: str = "cifar100"     # "cifar100", "cifar10" or "synthetic"
+    data_dir: str = "data"        # relative paths are from the project root
+    verify_checksums: bool = True
+    backbone: str = "resnet50"    # any torchvision or timm model name
+    weights: str = "imagenet"     # "imagenet", "none", or a path to a state_dict file
+    image_size: int = 224         # model input size; images are upsampled from 32 px
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"        # "sgd" (Nesterov) or "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augmentation: str = "original"  # a policy of cifarlib.augment
+    patience: int = 10            # epochs without a better validation loss before stopping
+    stop_ends_run: bool = False   # True: early stopping ends the run; False: only the stage
+    cycle_momentum: bool = True   # OneCycleLR's momentum cycling (PyTorch's default)
+    device: str = "auto"          # "auto", "cpu", "cuda", "cuda:1", "mps"
+    checkpoint_dir: str = "checkpoints"  # runs go to <checkpoint_dir>/<run_name>/
+    run_name: str = ""            # "" picks preset-backbone-date-time
+    resume: bool = False          # continue checkpoints/<run_name>/last.pt
+    overwrite: bool = False       # replace an existing run folder
+    seed: int = 0
+    val_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    accum_steps: int = 1          # gradient accumulation: batches per optimizer step
+    compile: bool = False         # torch.compile the model (CUDA)
+    stages: tuple[Stage, ...] = field(default=())
+
+
+ORIGINAL_STAGES = (
+    Stage("head", 10, ("head",), (0.01,)),
+    Stage("top", 15, ("layer3", "layer4", "head"), (5e-4, 1e-3, 5e-3)),
+    Stage("all", 75, ("layer1", "layer2", "layer3", "layer4", "head"), (5e-5, 1e-4, 3e-4, 8e-4, 2e-3)),
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "original": dict(epochs=100, batch_size=32, image_size=224, optimizer="sgd", momentum=0.9,
+                     weight_decay=5e-4, augmentation="original", patience=10, stop_ends_run=True,
+                     cycle_momentum=True, stages=ORIGINAL_STAGES),
+    "fast": dict(epochs=16, batch_size=256, image_size=224, optimizer="sgd", momentum=0.9,
+                 weight_decay=5e-5, augmentation="light", patience=4, stop_ends_run=False,
+                 cycle_momentum=False, stages=(
+                     Stage("head", 1, ("head",), (0.1,), warmup=0.2),
+                     Stage("all", 15, GROUPS, (0.004, 0.006, 0.01, 0.016, 0.024, 0.06), warmup=0.15))),
+    "cpu": dict(epochs=3, batch_size=64, image_size=64, optimizer="adamw", momentum=0.9,
+                weight_decay=0.05, augmentation="light", patience=2, stop_ends_run=False,
+                cycle_momentum=False, stages=(
+                    Stage("head", 1, ("head",), (3e-3,), warmup=0.1),
+                    Stage("all", 2, GROUPS, (1e-4, 1.5e-4, 2.5e-4, 4e-4, 6e-4, 2e-3), warmup=0.1))),
+}
+
+
+def scale_epochs(shares: list[float], total: int) -> list[int]:
+    """Split `total` epochs by `shares`: largest remainders, at least one each, summing to total."""
+    n = len(shares)
+    if total < n:
+        raise UserError(f"epochs={total} is fewer than the preset's {n} stages; use at least {n}.")
+    exact = [total * s / sum(shares) for s in shares]
+    out = [int(e) for e in exact]
+    for i in sorted(range(n), key=lambda i: exact[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
+    while min(out) == 0:  # a stage rounded to nothing takes an epoch from the largest
+        out[out.index(max(out))] -= 1
+        out[out.index(0)] = 1
+    return out
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    allowed = get_args(hint) or (hint,)  # `int | None` -> (int, NoneType)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise UserError(f"{key} must be {names}, not {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _check_stages(stages: tuple[Stage, ...]) -> None:
+    for st in stages:
+        if not st.groups:
+            raise UserError(f"stage {st.name!r} trains nothing: give it at least one layer group.")
+        unknown = [g for g in st.groups if g not in GROUPS]
+        if unknown:
+            raise UserError(f"stage {st.name!r} names unknown layer group(s) {', '.join(unknown)}; "
+                            f"the groups are {', '.join(GROUPS)}.")
+        if len(st.lr) != len(st.groups):
+            raise UserError(f"stage {st.name!r} has {len(st.lr)} learning rate(s) for {len(st.groups)} "
+                            f"group(s) ({', '.join(st.groups)}); give one per group.")
+        if not 0 <= st.warmup < 1 or st.anneal not in ("cos", "linear") or st.share <= 0:
+            raise UserError(f"stage {st.name!r}: warmup must be in [0, 1), anneal 'cos' or 'linear', share > 0.")
+
+
+def make_config(preset: str = "original", **overrides) -> Config:
+    """The preset's recipe with `overrides` applied (None means "the preset's value"), checked,
+    and its stages scaled to `epochs`."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    hints = get_type_hints(Config)
+    unknown = sorted(set(overrides) - set(hints))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}.")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None or k.startswith("max_")}}
+    for key, value in values.items():
+        if key != "stages":
+            values[key] = _check_type(key, value, hints[key])
+    for key in ("epochs", "batch_size", "eval_batch_size", "image_size", "accum_steps", "patience"):
+        if values.get(key, 1) < 1:
+            raise UserError(f"{key} must be at least 1, not {values[key]}.")
+    if values.get("optimizer", "sgd") not in ("sgd", "adamw"):
+        raise UserError(f"optimizer must be 'sgd' or 'adamw', not {values['optimizer']!r}.")
+    stages = tuple(Stage(**s) if isinstance(s, dict) else s for s in values.pop("stages"))
+    _check_stages(stages)
+    cfg = Config(preset=preset, **values)
+    epochs = scale_epochs([s.share for s in stages], cfg.epochs)
+    return dataclasses.replace(cfg, stages=tuple(dataclasses.replace(s, epochs=e) for s, e in zip(stages, epochs)))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain JSON-able values (stored in config.json and in every checkpoint)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    known = {f.name for f in fields(Config)}
+    d = {k: v for k, v in d.items() if k in known}
+    d["stages"] = tuple(Stage(**{**s, "groups": tuple(s["groups"]), "lr": tuple(s["lr"])}) for s in d.get("stages", ()))
+    return Config(**d)
+
+
+def parse_value(text: str) -> Any:
+    """Read a CLI value as papermill reads `-p`: True/False/None, then int, then float, else str."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,264 @@
+"""Staged fine-tuning: configs, stages, schedules, the loop, checkpoints and resume."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlib import checkpoints, model as model_lib, train
+from cifarlib.config import make_config, parse_value, scale_epochs
+from cifarlib.errors import UserError
+
+TINY = dict(dataset="synthetic", weights="none", backbone="resnet18", image_size=32, batch_size=32,
+            max_train_samples=400, max_eval_samples=100)
+
+
+def tiny_cfg(tmp_path, **kw):
+    return make_config(kw.pop("preset", "cpu"), **{**TINY, "data_dir": str(tmp_path / "data"),
+                                                    "checkpoint_dir": str(tmp_path / "ckpt"), "run_name": "r", **kw})
+
+
+def test_epochs_scale_with_largest_remainders():
+    assert scale_epochs([10, 15, 75], 100) == [10, 15, 75]
+    assert scale_epochs([10, 15, 75], 20) == [2, 3, 15]
+    assert scale_epochs([10, 15, 75], 3) == [1, 1, 1]
+    for total in range(3, 60):
+        parts = scale_epochs([10, 15, 75], total)
+        assert sum(parts) == total and min(parts) >= 1
+    assert [s.epochs for s in make_config("original", epochs=20).stages] == [2, 3, 15]
+
+
+def test_the_original_preset_is_the_original_recipe():
+    c = make_config("original")
+    assert (c.epochs, c.batch_size, c.image_size, c.optimizer, c.momentum, c.weight_decay) == (100, 32, 224, "sgd", 0.9, 5e-4)
+    assert (c.patience, c.stop_ends_run, c.augmentation, c.backbone, c.weights) == (10, True, "original", "resnet50", "imagenet")
+    assert [(s.epochs, s.groups, s.lr, s.warmup, s.anneal) for s in c.stages] == [
+        (10, ("head",), (0.01,), 0.3, "cos"),
+        (15, ("layer3", "layer4", "head"), (5e-4, 1e-3, 5e-3), 0.3, "cos"),
+        (75, ("layer1", "layer2", "layer3", "layer4", "head"), (5e-5, 1e-4, 3e-4, 8e-4, 2e-3), 0.3, "cos")]
+
+
+def test_original_schedule_matches_the_recipe_step_for_step():
+    cfg = make_config("original")
+    net = model_lib.build_model("resnet18", 100, "none")
+    groups = model_lib.layer_groups(net)
+    for stage in cfg.stages:
+        opt = train.make_optimizer(cfg, train.apply_stage(net, groups, stage), torch.device("cpu"))
+        assert opt.defaults["nesterov"] and opt.defaults["weight_decay"] == 5e-4
+        steps = 7 * stage.epochs  # any steps per epoch
+        sched = train.make_schedule(cfg, opt, stage, steps)
+        up = 0.3 * steps - 1  # where OneCycleLR ends the warm-up (a fractional step)
+        for t in range(steps):
+            for g, peak in zip(opt.param_groups, stage.lr):
+                lo, end = peak / 25, peak / 25 / 1e4
+                if t <= up:
+                    want = lo + (peak - lo) * (1 - math.cos(math.pi * t / up)) / 2
+                    mom = 0.95 - 0.1 * (1 - math.cos(math.pi * t / up)) / 2
+                else:
+                    want = end + (peak - end) * (1 + math.cos(math.pi * (t - up) / (steps - 1 - up))) / 2
+                    mom = 0.85 + 0.1 * (1 - math.cos(math.pi * (t - up) / (steps - 1 - up))) / 2
+                assert g["lr"] == pytest.approx(want, rel=1e-6) and g["momentum"] == pytest.approx(mom, rel=1e-6)
+            opt.step()
+            sched.step() if t + 1 < steps else None
+
+
+def test_a_stage_trains_exactly_its_groups_with_its_rates():
+    net = model_lib.build_model("resnet18", 100, "none")
+    groups = model_lib.layer_groups(net)
+    stage = make_config("original").stages[1]
+    pg = train.apply_stage(net, groups, stage)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in groups["layer3"] + groups["layer4"] + groups["head"]}
+    assert [(g["name"], g["lr"], len(g["params"])) for g in pg] == [
+        ("layer3", 5e-4, len(groups["layer3"])), ("layer4", 1e-3, len(groups["layer4"])), ("head", 5e-3, 2)]
+    assert all(n.startswith(("layer3.", "layer4.", "fc.")) for n in trainable)
+
+
+def test_frozen_batchnorm_keeps_its_statistics():
+    net = model_lib.build_model("resnet18", 100, "none")
+    groups = model_lib.layer_groups(net)
+    train.apply_stage(net, groups, make_config("original").stages[0])  # head only
+    train.train_mode(net)
+    before = net.bn1.running_mean.clone()
+    net(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert torch.equal(net.bn1.running_mean, before) and not net.bn1.training and net.training
+    train.apply_stage(net, groups, make_config("fast").stages[1])  # everything
+    train.train_mode(net)
+    net(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert not torch.equal(net.bn1.running_mean, before) and net.bn1.training
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(epoch=3), "unknown setting.*epoch"), (dict(epochs="3"), "epochs must be int"),
+    (dict(epochs=2), "fewer than the preset's 3 stages"), (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(stages=[dict(name="x", share=1, groups=(), lr=())]), "trains nothing"),
+    (dict(stages=[dict(name="x", share=1, groups=("head", "layer4"), lr=(0.1,))]), "1 learning rate.*2 group"),
+    (dict(stages=[dict(name="x", share=1, groups=("neck",), lr=(0.1,))]), "unknown layer group"),
+])
+def test_invalid_configs_fail_at_once(bad, msg):
+    with pytest.raises(UserError, match=msg):
+        make_config("original", **bad)
+    with pytest.raises(UserError, match="unknown preset"):
+        make_config("turbo")
+
+
+def test_values_are_read_as_papermill_reads_them():
+    assert [parse_value(v) for v in ("True", "None", "3", "0.5", "1e-3", "resnet50")] == [True, None, 3, 0.5, 1e-3, "resnet50"]
+
+
+def test_loss_falls_and_a_run_writes_self_describing_files(tmp_path):
+    run = train.prepare(tiny_cfg(tmp_path, epochs=3, max_train_samples=1000))
+    rows = list(train.epochs(run))
+    assert [r["stage"] for r in rows] == ["head", "all", "all"]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    files = sorted(p.name for p in run.dir.iterdir())
+    assert files == ["best.pt", "config.json", "history.csv", "last.pt", "loss_curves.png"]
+    ckpt = checkpoints.load(run.dir / "best.pt")  # weights_only=True inside
+    assert ckpt["backbone"] == "resnet18" and len(ckpt["classes"]) == 100 and ckpt["classes"][0] == "apple"
+    assert ckpt["mean"] == [0.485, 0.456, 0.406] and ckpt["image_size"] == 32 and ckpt["config"]["preset"] == "cpu"
+    assert len(ckpt["history"]) >= 1 and "resume" not in ckpt and "resume" in checkpoints.load(run.dir / "last.pt")
+    assert ckpt["metrics"] == min(rows, key=lambda r: r["val_loss"])
+    fresh = model_lib.build_model("resnet18", 100, "none").eval()
+    fresh.load_state_dict(checkpoints.load(run.dir / "last.pt")["model"])
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(fresh(x), run.model.eval()(x))
+    assert len(checkpoints.read_history(run.dir / "history.csv")) == 3
+
+
+def test_existing_runs_are_never_overwritten_silently(tmp_path):
+    (tmp_path / "ckpt" / "r").mkdir(parents=True)
+    (tmp_path / "ckpt" / "r" / "history.csv").write_text("x")
+    with pytest.raises(UserError, match="already exists.*resume=True.*overwrite=True"):
+        train.prepare(tiny_cfg(tmp_path))
+    with pytest.raises(UserError, match="cannot resume.*last.pt does not exist"):
+        train.prepare(tiny_cfg(tmp_path, resume=True))
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoints.save({"format": 1, "model": {"w": torch.ones(3)}}, path)
+    good = path.read_bytes()
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+    real = os.fdopen
+    monkeypatch.setattr(checkpoints.os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    with pytest.raises(UserError, match="no space left.*untouched"):
+        checkpoints.save({"format": 1, "model": {"w": torch.zeros(1000)}}, path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_truncated_checkpoints_are_a_clear_error(tmp_path):
+    path = tmp_path / "best.pt"
+    checkpoints.save({"format": 1, "model": {"w": torch.ones(100)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        checkpoints.load(path)
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoints.load(tmp_path / "nope.pt")
+
+
+def test_local_weights_file_head_is_dropped_other_mismatches_listed(tmp_path, capsys):
+    imagenet_like = model_lib.build_model("resnet18", 1000, "none")
+    torch.save(imagenet_like.state_dict(), tmp_path / "r18.pt")
+    net = model_lib.build_model("resnet18", 100, str(tmp_path / "r18.pt"))
+    assert "dropped the classifier head" in capsys.readouterr().out
+    assert torch.equal(net.conv1.weight, imagenet_like.conv1.weight) and net.fc.out_features == 100
+    sd = imagenet_like.state_dict()
+    sd["extra.weight"] = torch.ones(1)
+    del sd["layer1.0.conv1.weight"]
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"missing: layer1.0.conv1.weight; unexpected: extra.weight"):
+        model_lib.build_model("resnet18", 100, str(tmp_path / "bad.pt"))
+
+
+def test_offline_imagenet_weights_are_one_clear_error(tmp_path, monkeypatch):
+    torch.hub.set_dir(str(tmp_path))  # nothing cached
+    monkeypatch.setattr(model_lib, "_resolves", lambda host, timeout: f"cannot resolve {host}")
+    try:
+        with pytest.raises(UserError, match=r"ImageNet weights of resnet18 are not cached.*weights=<path.*weights=\"none\""):
+            model_lib.build_model("resnet18", 100, "imagenet")
+    finally:
+        torch.hub.set_dir(str(Path.home() / ".cache" / "torch" / "hub"))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "vit_b_16", "vit_tiny_patch16_224", "efficientnet_b0.ra_in1k"])
+def test_every_backbone_maps_onto_six_contiguous_groups(backbone):
+    if "." in backbone:
+        backbone = backbone.split(".")[0]  # timm's efficientnet_b0 (torchvision's has the same name)
+        import timm
+        net = timm.create_model(backbone, num_classes=100)
+    else:
+        net = model_lib.build_model(backbone, 100, "none")
+    groups = model_lib.layer_groups(net)
+    names = [n for n, _ in net.named_parameters()]
+    assert sorted(sum(groups.values(), [])) == sorted(names)
+    assert all(groups[g] for g in model_lib.GROUPS), {g: len(v) for g, v in groups.items()}
+    order = {n: i for i, n in enumerate(names)}
+    for a, b in zip(model_lib.GROUPS, model_lib.GROUPS[1:-1]):
+        assert max(order[n] for n in groups[a]) < min(order[n] for n in groups[b])
+    assert all(isinstance(net.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Linear) for n in groups["head"])
+
+
+def cli(args, tmp_path, **kw):
+    base = [f"{k}={v}" for k, v in {**TINY, "preset": "cpu", "data_dir": tmp_path / "data",
+                                       "checkpoint_dir": tmp_path / "ckpt", "max_train_samples": 1600}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cifarlib.train", *base, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    whole = cli(["epochs=4", "run_name=whole"], tmp_path)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    killed = cli(["epochs=4", "run_name=cut"], tmp_path)
+    history = tmp_path / "ckpt" / "cut" / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (history.is_file() and len(checkpoints.read_history(history)) >= 2):
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)  # during epoch 3
+    killed.wait()
+    assert len(checkpoints.read_history(history)) == 2
+    resumed = cli(["run_name=cut", "resume=True"], tmp_path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, b = (checkpoints.read_history(tmp_path / "ckpt" / r / "history.csv") for r in ("whole", "cut"))
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert len(a) == 4 and drop(a) == drop(b)
+    la, lb = (checkpoints.load(tmp_path / "ckpt" / r / "last.pt")["metrics"]["val_loss"] for r in ("whole", "cut"))
+    assert abs(la - lb) <= 1e-6
+
+
+def test_cli_help_and_bad_settings(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cifarlib.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "epochs=100" in out.stdout and "max_train_samples=None" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "cifarlib.train", "epoch=3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown setting(s) epoch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_two_processes_train_with_ddp_and_only_rank_zero_writes(tmp_path):
+    args = [f"{k}={v}" for k, v in {**TINY, "preset": "cpu", "epochs": 3, "data_dir": tmp_path / "data",
+                                       "checkpoint_dir": tmp_path / "ckpt", "run_name": "ddp"}.items()]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "cifarlib.train", *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("run files:") == 1 and out.stdout.count("epoch=3 ") == 1
+    rows = checkpoints.read_history(tmp_path / "ckpt" / "ddp" / "history.csv")
+    assert [r["stage"] for r in rows] == ["head", "all", "all"]
