@@ -10,7 +10,10 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
 TINY = {"01_explore_data": {"per_class": 1, "similar_pairs": 2},
-        "02_augmentation_preview": {"image_size": 48, "draws": 3}}
+        "02_augmentation_preview": {"image_size": 48, "draws": 3},
+        "03_train": {"preset": "cpu", "backbone": "resnet18", "weights": "none", "image_size": 32, "epochs": 3,
+                     "max_train_samples": 400, "max_eval_samples": 100, "run_name": "nb", "device": "cpu"}}
+OUTPUT_DIRS = {"03_train": "checkpoint_dir"}  # notebooks that write, and where to
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -19,18 +22,26 @@ def test_committed_clean_with_a_documented_parameters_cell_first(path):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(not c["outputs"] and c["execution_count"] is None for c in code)
     assert "parameters" in code[0]["metadata"].get("tags", [])
-    for line in "".join(code[0]["source"]).splitlines():
-        assert re.fullmatch(r"\w+: [\w\[\], |]+ = .+  # .+", line), f"parameter line without type or comment: {line}"
+    lines = "".join(code[0]["source"]).splitlines()
+    for line in lines:
+        assert re.fullmatch(r"\w+: (\w+|\"Optional\[\w+\]\") = .+  # .+", line), f"parameter line without type or comment: {line}"
+    inferred = pm.inspect_notebook(str(path))  # what `papermill --help-notebook` shows
+    assert list(inferred) == [line.split(":")[0] for line in lines]
+    assert all(p["help"] and p["inferred_type_name"] != "None" for p in inferred.values())
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in TINY], ids=lambda p: p.stem)
 def test_runs_headless_on_synthetic_data(path, tmp_path):
     out = tmp_path / path.name
+    where = {OUTPUT_DIRS[path.stem]: str(tmp_path / "out")} if path.stem in OUTPUT_DIRS else {}
     pm.execute_notebook(str(path), str(out), parameters={"dataset": "synthetic", "data_dir": str(tmp_path / "data"),
-                                                         **TINY[path.stem]}, kernel_name="python3", progress_bar=False)
+                                                         **where, **TINY[path.stem]}, kernel_name="python3", progress_bar=False)
     nb = nbformat.read(out, as_version=4)
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
-    assert images >= 3
+    assert images >= (1 if path.stem == "03_train" else 3)
+    if path.stem == "03_train":
+        assert sorted(p.name for p in (tmp_path / "out" / "nb").iterdir()) == [
+            "best.pt", "config.json", "history.csv", "last.pt", "loss_curves.png"]
 
 
 def test_a_user_error_shows_as_one_message_in_the_notebook(tmp_path):
