@@ -128,6 +128,10 @@ def build_model(backbone: str = "resnet50", num_classes: int = 100, weights: str
         if not timm.is_model(backbone):
             raise UserError(f"unknown backbone {backbone!r}: neither a torchvision classification model "
                             "nor a timm model (see timm.list_models()).")
+        if weights == "imagenet" and _resolves("huggingface.co", 10):
+            # no network: let the hub use its cache at once instead of retrying for a minute
+            import huggingface_hub.constants
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
         try:
             model = timm.create_model(backbone, pretrained=weights == "imagenet", num_classes=num_classes)
         except (OSError, RuntimeError) as e:

@@ -262,3 +262,12 @@ def test_two_processes_train_with_ddp_and_only_rank_zero_writes(tmp_path):
     assert out.stdout.count("run files:") == 1 and out.stdout.count("epoch=3 ") == 1
     rows = checkpoints.read_history(tmp_path / "ckpt" / "ddp" / "history.csv")
     assert [r["stage"] for r in rows] == ["head", "all", "all"]
+
+
+def test_offline_timm_weights_fail_fast_with_the_same_remedies(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored afterwards
+    monkeypatch.setattr(model_lib, "_resolves", lambda host, timeout: f"cannot resolve {host}")
+    with pytest.raises(UserError, match=r"resnet18.a1_in1k are not cached.*weights=\"none\""):
+        model_lib.build_model("resnet18.a1_in1k", 100, "imagenet")
