@@ -11,12 +11,15 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 DEMO_OUT := runs/demo
-# Parameters each notebook gets in the demo (papermill -p NAME VALUE); all use synthetic data.
-# The demo trains a small backbone from scratch at 32 px: a quick check that everything runs,
-# not a result (the project's default stays an ImageNet ResNet-50).
-DEMO_PARAMS := -p dataset synthetic
-DEMO_PARAMS_03_train := -p preset cpu -p backbone resnet18 -p weights none -p image_size 32 \
+# Parameters each notebook gets in the demo (papermill -p NAME VALUE), on synthetic data. The
+# demo trains a small backbone from scratch at 32 px: a check that everything runs, not a result
+# (the project's default stays an ImageNet ResNet-50).
+DEMO_01 := -p dataset synthetic
+DEMO_02 := -p dataset synthetic
+DEMO_03 := -p dataset synthetic -p preset cpu -p backbone resnet18 -p weights none -p image_size 32 \
 	-p epochs 3 -p run_name demo -p overwrite True -p device cpu
+DEMO_04 := -p checkpoint checkpoints/demo/best.pt -p device cpu
+DEMO_05 := -p checkpoint checkpoints/demo/best.pt -p demo_image notebooks/demo_image.png
 
 .PHONY: venv test demo train clean
 
@@ -37,8 +40,9 @@ demo: $(STAMP)
 	@test -n "$(NOTEBOOKS)" || echo "no notebooks in notebooks/ yet: nothing to run"
 	@set -e; for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
-		extra=""; case "$$nb" in *03_train*) extra='$(DEMO_PARAMS_03_train)';; esac; \
-		$(BIN)/papermill --no-progress-bar -k python3 "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $(DEMO_PARAMS) $$extra; \
+		case "$$(basename $$nb)" in 01*) p='$(DEMO_01)';; 02*) p='$(DEMO_02)';; 03*) p='$(DEMO_03)';; \
+			04*) p='$(DEMO_04)';; 05*) p='$(DEMO_05)';; *) p='';; esac; \
+		$(BIN)/papermill --no-progress-bar -k python3 "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $$p; \
 	done
 	@echo "executed notebooks are in $(DEMO_OUT)/"
 

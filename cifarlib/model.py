@@ -199,3 +199,18 @@ def layer_groups(model: nn.Module) -> dict[str, list[str]]:
         else:
             groups[next(GROUPS[1 + k] for k, p in enumerate(parts) if units[u] in p)].append(n)
     return groups
+
+
+def from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The trained model of a cifarlib checkpoint, in eval mode on `device`, and the checkpoint."""
+    from .checkpoints import load
+
+    ckpt = load(path)
+    model = build_model(ckpt["backbone"], len(ckpt["classes"]), weights="none")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{path} does not hold {ckpt['backbone']} weights as it claims: "
+                        f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
+    return model.to(device).eval(), ckpt

@@ -133,3 +133,84 @@ class LiveCurves:
 
     def __call__(self, history: list[dict]) -> None:
         self.handle.update(loss_curves(history))
+
+
+def save_png(fig, path) -> None:
+    """Save a figure as PNG through a temporary file and a rename."""
+    import io
+
+    from .checkpoints import write_atomically
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_atomically(path, buf.getvalue())
+
+
+def superclass_order(fine_to_coarse) -> list[int]:
+    """Class indices grouped by superclass (stable within each), for ordering matrices."""
+    return sorted(range(len(fine_to_coarse)), key=lambda c: (int(fine_to_coarse[c]), c))
+
+
+def confusion_heatmap(cm: torch.Tensor, names: list[str], order: list[int] | None = None, title: str = ""):
+    """Row-normalised confusion matrix as a seaborn heatmap, rows and columns in `order`."""
+    order = list(range(len(names))) if order is None else order
+    m = cm.float()[order][:, order]
+    m = m / m.sum(1, keepdim=True).clamp_min(1)
+    size = 4 + len(names) / 8
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    labels = [names[i] for i in order]
+    sns.heatmap(m.numpy(), ax=ax, cmap="viridis", vmin=0, vmax=1, square=True, xticklabels=labels,
+                yticklabels=labels, cbar_kws={"label": "share of the true class", "shrink": 0.6})
+    ax.tick_params(labelsize=max(4, 9 - len(names) // 20))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def per_class_bars(per_class: dict[str, float]):
+    items = sorted(per_class.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(14, 3.2))
+    ax.bar(range(len(items)), [v for _, v in items], color=sns.color_palette("rocket", len(items)))
+    ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=90, fontsize=6)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracy per class, worst first")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def reliability_diagram(bins: list[dict[str, float]], ece: float):
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
+           align="edge", alpha=0.7, edgecolor="black", label="accuracy in the bin")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", ms=3, color="black")
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def confident_mistakes(images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, names: list[str], n: int = 16):
+    """The `n` wrong predictions made with the highest confidence: image, truth, guess, confidence."""
+    conf, pred = probs.max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    pick = wrong[conf[wrong].argsort(descending=True)[:n]].tolist()
+    if not pick:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
+        plt.close(fig)
+        return fig
+    cols = 8
+    rows = [images[pick[i:i + cols]] for i in range(0, len(pick), cols)]
+    titles = [[f"{names[labels[j]]}\n→ {names[pred[j]]} {conf[j]:.0%}" for j in pick[i:i + cols]] for i in range(0, len(pick), cols)]
+    fig = image_grid(rows, titles=titles, size=1.5)
+    plt.close(fig)
+    return fig

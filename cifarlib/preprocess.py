@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from .errors import UserError
 
 CIFAR_SIZE = 32
+MAX_PIXELS = 50_000_000  # larger pictures are refused before decoding (decompression bombs)
 
 
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -79,11 +80,16 @@ def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray) -> t
                 image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
             image = Image.fromarray(image)
         elif isinstance(image, (bytes, bytearray, memoryview)):
+            if len(image) == 0:
+                raise UserError("the file is empty: not a usable image.")
             image = Image.open(io.BytesIO(bytes(image)))
         elif isinstance(image, (str, Path, os.PathLike)):
             image = Image.open(image)
+        if image.width * image.height > MAX_PIXELS:  # known from the header, before decoding
+            raise UserError(f"the image is {image.width}x{image.height} pixels, above the limit of "
+                            f"{MAX_PIXELS:,} (a guard against decompression bombs); resize it first.")
         image = _to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, TypeError) as e:  # PIL's UnidentifiedImageError is an OSError
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise UserError(f"not a usable image ({type(e).__name__}: {e}).") from None
     small = ImageOps.fit(image, (CIFAR_SIZE, CIFAR_SIZE), method=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

@@ -17,3 +17,19 @@ def cifar100_tarball(tmp_path_factory, cifar100_dir):
     root = tmp_path_factory.mktemp("c100tar")
     synthetic.pack_tarball(cifar100_dir / "cifar-100-python", root / "cifar-100-python.tar.gz")
     return root / "cifar-100-python.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """best.pt of a tiny run the suite trains itself (a clean clone has no earlier runs)."""
+    from cifarlib import train
+    from cifarlib.config import make_config
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = make_config("cpu", dataset="synthetic", weights="none", backbone="resnet18", image_size=32, epochs=3,
+                      max_train_samples=600, max_eval_samples=200, data_dir=str(root / "data"),
+                      checkpoint_dir=str(root / "ckpt"), run_name="tiny", device="cpu")
+    run = train.prepare(cfg)
+    for _ in train.epochs(run):
+        pass
+    return run.dir / "best.pt"

@@ -9,6 +9,7 @@ import papermill as pm
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
+assert len(NOTEBOOKS) == 5, NOTEBOOKS
 TINY = {"01_explore_data": {"per_class": 1, "similar_pairs": 2},
         "02_augmentation_preview": {"image_size": 48, "draws": 3},
         "03_train": {"preset": "cpu", "backbone": "resnet18", "weights": "none", "image_size": 32, "epochs": 3,
@@ -53,3 +54,31 @@ def test_a_user_error_shows_as_one_message_in_the_notebook(tmp_path):
     assert len(errors) == 1 and errors[0]["ename"] == "UserError"
     assert errors[0]["traceback"] == [f"UserError: {errors[0]['evalue']}"]
     assert "Looked for" in errors[0]["evalue"]
+
+
+def outputs_of(path):
+    return [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])]
+
+
+def test_evaluate_notebook_on_a_checkpoint_the_suite_trained(trained_checkpoint, tmp_path):
+    out = tmp_path / "04.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS[3]), str(out), kernel_name="python3", progress_bar=False,
+                        parameters={"checkpoint": str(trained_checkpoint), "device": "cpu", "max_samples": 300,
+                                    "data_dir": str(trained_checkpoint.parents[2] / "data")})
+    images = sum("image/png" in o.get("data", {}) for o in outputs_of(out))
+    assert images == 6
+    saved = {p.name for p in trained_checkpoint.parent.glob("*.png")}
+    assert {"confusion.png", "superclass_confusion.png", "per_class_accuracy.png", "confident_mistakes.png",
+            "reliability.png", "training_curves.png"} <= saved
+    assert (trained_checkpoint.parent / "metrics.json").is_file()
+
+
+def test_inference_notebook_headless_with_a_demo_image(trained_checkpoint, tmp_path):
+    out = tmp_path / "05.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS[4]), str(out), kernel_name="python3", progress_bar=False,
+                        parameters={"checkpoint": str(trained_checkpoint),
+                                    "demo_image": str(NOTEBOOKS[0].parent / "demo_image.png"), "top_k": 3})
+    text = "".join(o.get("text", "") for o in outputs_of(out))
+    assert "demo_image.png" in text and "  3. " in text and "superclass:" in text
+    widget = [o for o in outputs_of(out) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widget) == 1

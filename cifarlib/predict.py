@@ -1,0 +1,92 @@
+"""Predictions for your own pictures, from a checkpoint alone.
+
+    p = Predictor.from_checkpoint("checkpoints/my-run/best.pt")
+    p.predict("cat.jpg").top          # [("leopard", 0.41), ("tiger", 0.22), ...]
+
+Class names, normalisation and image size come from the checkpoint (read with
+`torch.load(weights_only=True)`). Each picture is made CIFAR-like by `cifarlib.preprocess.cifar_like`
+and then takes the evaluation path, on the GPU when there is one.
+
+    python -m cifarlib.predict CHECKPOINT IMAGE [IMAGE ...] [--top-k 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from . import runtime
+from .errors import UserError, cli_errors
+from .model import from_checkpoint
+from .preprocess import cifar_like, evaluation_inputs
+
+
+@dataclass
+class Prediction:
+    top: list[tuple[str, float]]   # (class, probability), most probable first
+    superclass: str | None         # the superclass of the top class (CIFAR-100)
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, checkpoint: dict, device: torch.device):
+        self.model, self.device = model, device
+        self.classes, self.superclasses = checkpoint["classes"], checkpoint["superclasses"]
+        self.fine_to_coarse = checkpoint["fine_to_coarse"]
+        self.mean, self.std, self.size = checkpoint["mean"], checkpoint["std"], checkpoint["image_size"]
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "auto") -> Predictor:
+        dev = runtime.pick_device(device)
+        model, ckpt = from_checkpoint(path, dev)
+        return cls(model, ckpt, dev)
+
+    @torch.no_grad()
+    def predict(self, images, top_k: int = 5):
+        """One picture (path, bytes, PIL image or array) -> a Prediction; a list -> a list.
+
+        A picture that can't be used raises `UserError` with the reason.
+        """
+        single = not isinstance(images, (list, tuple))
+        batch = torch.stack([cifar_like(im) for im in ([images] if single else images)]).to(self.device)
+        probs = self.model(evaluation_inputs(batch, self.size, self.mean, self.std)).float().softmax(1).cpu()
+        values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
+        out = [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
+                          self.superclasses[self.fine_to_coarse[ix[0]]] if self.superclasses else None)
+               for v, ix in zip(values, idx)]
+        return out[0] if single else out
+
+
+def format_prediction(p: Prediction) -> str:
+    lines = [f"  {rank}. {name:<20s} {prob:7.2%}" for rank, (name, prob) in enumerate(p.top, 1)]
+    if p.superclass:
+        lines.append(f"  superclass: {p.superclass}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m cifarlib.predict", description="Top-k classes of your pictures.")
+    ap.add_argument("checkpoint", help="a best.pt or last.pt written by training")
+    ap.add_argument("images", nargs="+", help="image files (jpg, png, webp, ...)")
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    failed = 0
+    with cli_errors(ap.prog):
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
+        for path in args.images:
+            try:
+                p = predictor.predict(path, top_k=args.top_k)
+            except UserError as e:
+                failed += 1
+                print(f"{ap.prog}: error: {path}: {e}", file=sys.stderr)
+                continue
+            print(f"{path}\n{format_prediction(p)}")
+    if failed:
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The predictor, its CLI and the upload widget, on a checkpoint the trainer wrote."""
+
+import io
+from datetime import datetime, timezone
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarlib import checkpoints, preprocess
+from cifarlib.app import UploadApp
+from cifarlib.errors import UserError
+from cifarlib.predict import Predictor
+from cifarlib.synthetic import make_images
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "cifar100"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_checkpoint):
+    return Predictor.from_checkpoint(trained_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def picture():
+    return Image.fromarray(make_images(torch.tensor([53]), seed=3)[0].permute(1, 2, 0).numpy())
+
+
+def test_predicts_from_path_bytes_pil_and_array_alike(predictor, picture, tmp_path):
+    picture.save(tmp_path / "p.png")
+    results = [predictor.predict(x, top_k=5) for x in (tmp_path / "p.png", png_bytes(picture), picture, np.asarray(picture))]
+    assert all(r == results[0] for r in results)
+    top = results[0].top
+    assert len(top) == 5 and [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+    assert all(name in predictor.classes for name, _ in top) and sum(p for _, p in top) <= 1 + 1e-6
+    coarse = predictor.fine_to_coarse[predictor.classes.index(top[0][0])]
+    assert results[0].superclass == predictor.superclasses[coarse]
+    batch = predictor.predict([picture, picture.rotate(90)], top_k=3)
+    single = predictor.predict(picture, top_k=3)
+    assert len(batch) == 2 and [n for n, _ in batch[0].top] == [n for n, _ in single.top]
+    assert [p for _, p in batch[0].top] == pytest.approx([p for _, p in single.top], rel=1e-4)
+
+
+def test_predictions_agree_with_the_evaluation_path(predictor, trained_checkpoint):
+    """A 32x32 image predicted from a file gets the same probabilities as in evaluation."""
+    from cifarlib.evaluate import predict_split
+    from cifarlib.data import Split
+    img = make_images(torch.tensor([7]), seed=9)
+    ckpt = checkpoints.load(trained_checkpoint)
+    probs = predict_split(predictor.model, Split(img, torch.tensor([7])), ckpt["image_size"], ckpt["mean"], ckpt["std"])
+    top = predictor.predict(Image.fromarray(img[0].permute(1, 2, 0).numpy()), top_k=1).top[0]
+    assert top[0] == ckpt["classes"][probs.argmax()] and top[1] == pytest.approx(probs.max().item(), rel=1e-5)
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples/cifar100 is not beside the project")
+def test_real_cifar_pictures_go_through(predictor):
+    for path in sorted(SAMPLES.glob("*.png"))[:3]:
+        assert len(predictor.predict(path).top) == 5
+
+
+def bad_inputs(picture):
+    full = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)))
+    return {"not an image": b"GIF89a? no, just text pretending", "truncated": full[: len(full) // 3],
+            "empty": b"", "huge": png_bytes(Image.new("1", (8000, 8000)))}
+
+
+@pytest.mark.parametrize("kind", ["not an image", "truncated", "empty", "huge"])
+def test_bad_pictures_are_clear_errors(predictor, picture, kind, monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 10_000_000)
+    with pytest.raises(UserError, match="above the limit" if kind == "huge" else "usable image"):
+        predictor.predict(bad_inputs(picture)[kind])
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, trained_checkpoint):
+    with pytest.raises(UserError, match="does not exist"):
+        Predictor.from_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "cut.pt").write_bytes(trained_checkpoint.read_bytes()[:5000])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        Predictor.from_checkpoint(tmp_path / "cut.pt")
+    ckpt = checkpoints.load(trained_checkpoint)
+    ckpt["backbone"] = "resnet34"  # weights of a resnet18 under another architecture's name
+    checkpoints.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="does not hold resnet34 weights"):
+        Predictor.from_checkpoint(tmp_path / "other.pt")
+
+
+def test_cli_prints_a_table_per_image_and_fails_on_bad_ones(trained_checkpoint, picture, tmp_path):
+    picture.save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    cmd = [sys.executable, "-m", "cifarlib.predict", str(trained_checkpoint), str(tmp_path / "good.png")]
+    ok = subprocess.run(cmd + ["--top-k", "3", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "good.png" in ok.stdout and "  3. " in ok.stdout and "superclass:" in ok.stdout
+    bad = subprocess.run(cmd + [str(tmp_path / "bad.jpg")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "good.png" in bad.stdout
+    assert "bad.jpg: not a usable image" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "cifarlib.predict", str(tmp_path / "no.pt"), str(tmp_path / "good.png")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def upload(*files):
+    """FileUpload.value as ipywidgets 8 delivers it: a tuple of dicts with memoryview content."""
+    return tuple({"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
+                  "last_modified": datetime(2026, 11, 28, tzinfo=timezone.utc)} for name, data in files)
+
+
+def test_widget_shows_predictions_and_a_message_per_bad_file(predictor, picture):
+    import ipywidgets as widgets
+    app = UploadApp(predictor, top_k=5)
+    app.upload.value = upload(("cat.png", png_bytes(picture)), ("broken.png", b"\x89PNG broken"), ("empty.webp", b""))
+    good, broken, empty = app.results.children
+    assert isinstance(good, widgets.HBox)
+    caption = good.children[0].children[0].value
+    assert "cat.png" in caption and predictor.predict(picture).top[0][0] in caption and "superclass" in caption
+    chart = good.children[1]
+    assert chart.format == "png" and bytes(chart.value).startswith(b"\x89PNG")  # the bar chart
+    assert "broken.png" in broken.value and "not a usable image" in broken.value
+    assert "empty.webp" in empty.value and "empty" in empty.value
+    assert app.upload.value == ()  # the uploaded bytes are not kept
