@@ -164,7 +164,7 @@ def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> f
     loader = Batches(run.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
     total, seen = torch.zeros((), device=run.device), 0
     bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}", leave=False,
-               disable=not runtime.is_main_process(), file=sys.stdout)
+               disable=not runtime.is_main_process())
     for i, (x, y) in enumerate(bar):
         inputs, targets = run.aug(x, y)
         if run.device.type == "cuda":
