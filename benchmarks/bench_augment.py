@@ -112,7 +112,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="original loop's DataLoader workers")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="original loop's DataLoader workers (default: one per usable core)")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--per-window", type=int, default=4, help="batches per timed window")
     p.add_argument("--warmup", type=int, default=3, help="batches before timing")

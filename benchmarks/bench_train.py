@@ -153,7 +153,7 @@ def main():
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch-size", type=int, default=None, help="ours (default: 32 on CPU, 256 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
-    p.add_argument("--workers", default=f"4,{os.cpu_count()}", help="DataLoader workers of the original loop")
+    p.add_argument("--workers", default=f"4,{len(os.sched_getaffinity(0))}", help="DataLoader workers of the original loop")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     device = torch.device(a.device)

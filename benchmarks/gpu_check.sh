@@ -28,6 +28,7 @@ step "environment"
 {
   date -u
   nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
+  echo "usable cores: $(nproc)"; df -h /dev/shm 2>/dev/null | tail -1
   "$PY" - <<'EOF'
 import torch, torchvision, timm
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)
@@ -57,13 +58,21 @@ print(f"relative error {err:.2e}")
 assert err < 2e-2, "matrix product is wrong on this device"
 EOF
 
-step "training throughput: ours vs the original loop ($NET, $SIZE px)"
-"$PY" benchmarks/bench_train.py --device "$DEV" --image-size "$SIZE" --backbone "$NET" --steps "$STEPS" \
-  --windows "$WINDOWS" --passes 1 --batch-size "$BATCH" $COMPILE --out "$DEST/train_gpu.json" > /dev/null
+CORES=$(nproc)
+step "training throughput: ours vs the original loop ($NET, $SIZE px${COMPILE:+, compiled})"
+train() {
+  "$PY" benchmarks/bench_train.py --device "$DEV" --image-size "$SIZE" --backbone "$NET" --steps "$STEPS" \
+    --windows "$WINDOWS" --passes 1 --batch-size "$BATCH" --workers "4,$CORES" "$@" --out "$DEST/train_gpu.json" > /dev/null
+}
+if ! train $COMPILE; then
+  [[ -n "$COMPILE" ]] || exit 1
+  step "torch.compile failed here (see the log above); measuring without it"
+  train
+fi
 
 step "augmentation throughput"
 "$PY" benchmarks/bench_augment.py --device "$DEV" --batch-size "$AUG_BATCH" --image-size "$SIZE" \
-  --windows 5 --per-window 4 > "$DEST/augment_gpu.json"
+  --windows 5 --per-window 4 --workers "$CORES" > "$DEST/augment_gpu.json"
 
 step "summary"
 "$PY" - "$DEST" <<'EOF'

@@ -54,8 +54,10 @@ class UploadApp:
         files = change["new"]
         if not files:
             return
-        self.results.children = [self.show_file(f["name"], f["content"]) for f in files]
-        self.upload.value = ()  # don't keep the uploaded bytes in the notebook
+        try:
+            self.results.children = [self.show_file(f["name"], f["content"]) for f in files]
+        finally:
+            self.upload.value = ()  # don't keep the uploaded bytes in the notebook
 
     def show_file(self, name: str, content) -> widgets.Widget:
         title = f"<b>{html.escape(name)}</b>"
@@ -64,6 +66,9 @@ class UploadApp:
             p = self.predictor.predict(data, top_k=self.top_k)
         except UserError as e:
             return widgets.HTML(f"{title}: <span style='color:#b00'>{html.escape(str(e))}</span>")
+        except Exception as e:  # never let one file break the app; say what happened
+            return widgets.HTML(f"{title}: <span style='color:#b00'>could not be read "
+                                f"({html.escape(type(e).__name__)}: {html.escape(str(e))})</span>")
         seen = Image.fromarray(cifar_like(data).permute(1, 2, 0).numpy()).resize((96, 96), Image.NEAREST)
         original = Image.open(io.BytesIO(data))
         original.thumbnail((160, 160))

@@ -34,8 +34,13 @@ def default_run_name(preset: str, backbone: str) -> str:
 
 
 def prepare_run_dir(run_name: str, resume: bool, overwrite: bool, root: str = "checkpoints") -> Path:
-    """The run's folder, created; refuses to overwrite silently, or to resume from nothing."""
-    path = runtime.resolve_path(root) / run_name
+    """The run's folder, created; refuses to overwrite silently, or to resume from nothing.
+    Under torchrun rank 0 decides first; the others then see the same folder and agree."""
+    with runtime.main_process_first():
+        return _prepare_run_dir(runtime.resolve_path(root) / run_name, resume, overwrite)
+
+
+def _prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
     if resume:
         if not (path / "last.pt").is_file():
             raise UserError(f"cannot resume: {path / 'last.pt'} does not exist. Check run_name, "
@@ -49,7 +54,6 @@ def prepare_run_dir(run_name: str, resume: bool, overwrite: bool, root: str = "c
             shutil.rmtree(path)
     if runtime.is_main_process():
         path.mkdir(parents=True, exist_ok=True)
-    runtime.barrier()
     return path
 
 
@@ -61,10 +65,13 @@ def write_atomically(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; make it like any other file
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C mid-write: leave no temporary file
         Path(tmp).unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"no space left on the disk to write {path}; the previous version, if "
                             "any, is untouched. Free some space and resume the run.") from None
         raise

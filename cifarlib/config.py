@@ -15,7 +15,7 @@ Presets:
   * SGD with Nesterov momentum 0.9 and weight decay 5e-4, batch 32, 224 px;
   * a fresh `OneCycleLR` per stage (30% warm-up, cosine annealing) with PyTorch's defaults,
     so the momentum is not 0.9 but cycles between 0.95 and 0.85 (`cycle_momentum`), and each
-    stage starts from its peak / 25 and ends at its peak / 1e5;
+    stage starts from its peak / 25 and ends at its peak / 25 / 1e4;
   * early stopping on validation loss with patience 10, the counter reset at each stage, and a
     stop ends the whole run (in the other presets a stop ends only the current stage).
 - `fast`: for a modern GPU. 16 epochs at batch 256: 1 epoch of head alone, then 15 of every
@@ -63,7 +63,7 @@ class Config:
     backbone: str = "resnet50"    # any torchvision or timm model name
     weights: str = "imagenet"     # "imagenet", "none", or a path to a state_dict file
     image_size: int = 224         # model input size; images are upsampled from 32 px
-    batch_size: int = 32
+    batch_size: int = 32          # per process: under torchrun the global batch is N x this
     eval_batch_size: int = 256
     optimizer: str = "sgd"        # "sgd" (Nesterov) or "adamw"
     momentum: float = 0.9
@@ -165,6 +165,9 @@ def make_config(preset: str = "original", **overrides) -> Config:
     for key in ("epochs", "batch_size", "eval_batch_size", "image_size", "accum_steps", "patience"):
         if values.get(key, 1) < 1:
             raise UserError(f"{key} must be at least 1, not {values[key]}.")
+    if not 0 < values.get("val_fraction", 0.1) < 1:
+        raise UserError(f"val_fraction must be above 0 and below 1 for training (early stopping and "
+                        f"best.pt need a validation split), not {values['val_fraction']!r}.")
     if values.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise UserError(f"optimizer must be 'sgd' or 'adamw', not {values['optimizer']!r}.")
     stages = tuple(Stage(**s) if isinstance(s, dict) else s for s in values.pop("stages"))

@@ -96,7 +96,8 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
     head, own = head_name(model), model.state_dict()
     dropped = [k for k in sd if k.startswith(head + ".") and (k not in own or own[k].shape != sd[k].shape)]
     sd = {k: v for k, v in sd.items() if k not in dropped}
-    missing = [k for k in own if k not in sd and not k.startswith(head + ".")]
+    # older files lack BatchNorm's num_batches_tracked, which PyTorch itself loads without
+    missing = [k for k in own if k not in sd and not k.startswith(head + ".") and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})" for k in sd if k in own and own[k].shape != sd[k].shape]
     if missing or unexpected or wrong:
@@ -110,9 +111,16 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
     return dropped
 
 
+# Their training forward returns auxiliary or distillation outputs as well as the logits.
+UNSUPPORTED = ("googlenet", "inception_v3")
+
+
 def build_model(backbone: str = "resnet50", num_classes: int = 100, weights: str = "imagenet") -> nn.Module:
     """The backbone with a `num_classes` head and the weights asked for (see the module docstring)."""
     local = weights not in ("imagenet", "none")
+    if backbone in UNSUPPORTED or "distilled" in backbone:
+        raise UserError(f"{backbone} is not supported: in training it returns auxiliary outputs "
+                        "besides the class scores. Choose another backbone.")
     if _is_torchvision(backbone):
         model = torchvision.models.get_model(backbone, weights=None)
         if weights == "imagenet":

@@ -49,7 +49,11 @@ class Predictor:
 
         A picture that can't be used raises `UserError` with the reason.
         """
+        if top_k < 1:
+            raise UserError(f"top_k must be at least 1, not {top_k}.")
         single = not isinstance(images, (list, tuple))
+        if not single and not images:
+            raise UserError("no pictures given.")
         batch = torch.stack([cifar_like(im) for im in ([images] if single else images)]).to(self.device)
         probs = self.model(evaluation_inputs(batch, self.size, self.mean, self.std)).float().softmax(1).cpu()
         values, idx = probs.topk(min(top_k, probs.shape[1]), 1)

@@ -89,7 +89,9 @@ def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray) -> t
             raise UserError(f"the image is {image.width}x{image.height} pixels, above the limit of "
                             f"{MAX_PIXELS:,} (a guard against decompression bombs); resize it first.")
         image = _to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # PIL reports damaged files as OSError (UnidentifiedImageError too), SyntaxError ("broken
+        # PNG file"), ValueError or EOFError
         raise UserError(f"not a usable image ({type(e).__name__}: {e}).") from None
     small = ImageOps.fit(image, (CIFAR_SIZE, CIFAR_SIZE), method=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

@@ -21,6 +21,7 @@ training on its own shard of the device-resident data; only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -62,6 +63,7 @@ class Run:
     next_epoch: int = 0           # ... and epoch within it
     best_val_loss: float = math.inf
     resume_state: dict[str, Any] | None = None
+    in_epoch: bool = False        # True while an epoch runs: an interrupt leaves it set
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -74,8 +76,11 @@ def setup_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _shard(split: Split, rank: int, world: int) -> Split:
-    return split if world == 1 else split.subset(torch.arange(rank, len(split), world))
+def _shard(split: Split, rank: int, world: int, equal: bool = False) -> Split:
+    """Every `world`-th sample from `rank`; `equal` drops the last few so that every rank gets
+    the same number of batches (the training step's collectives must line up)."""
+    n = len(split) // world * world if equal else len(split)
+    return split if world == 1 else split.subset(torch.arange(rank, n, world))
 
 
 def prepare(cfg: Config) -> Run:
@@ -87,9 +92,14 @@ def prepare(cfg: Config) -> Run:
             raise UserError("resume=True needs the run_name of the run to continue.")
         path = checkpoints.prepare_run_dir(cfg.run_name, resume=True, overwrite=False, root=cfg.checkpoint_dir)
         saved = checkpoints.load(path / "last.pt")
-        cfg = replace(from_dict(saved["config"]), resume=True, device=cfg.device, compile=cfg.compile)
+        # the run's own recipe; where things are and what runs them may have changed
+        keep = {k: getattr(cfg, k) for k in ("device", "compile", "data_dir", "checkpoint_dir", "verify_checksums")}
+        cfg = replace(from_dict(saved["config"]), resume=True, **keep)
     else:
-        cfg = replace(cfg, run_name=cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone))
+        name = [cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(name, src=0)  # one name, even if the ranks' clocks differ
+        cfg = replace(cfg, run_name=name[0])
     torch.manual_seed(cfg.seed)
     device = runtime.pick_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -102,14 +112,15 @@ def prepare(cfg: Config) -> Run:
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     mean, std = normalization(cfg.backbone)
     aug = BatchAugment(make_policy(cfg.augmentation), cfg.image_size, mean, std, data.num_classes, seed=cfg.seed + rank)
-    run = Run(cfg, path, device, data, _shard(data.train, rank, world), _shard(data.val, rank, world),
+    run = Run(cfg, path, device, data, _shard(data.train, rank, world, equal=True), _shard(data.val, rank, world),
               model, layer_groups(model), aug)
     if saved:
         model.load_state_dict(saved["model"])
         r = saved["resume"]
         run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
         run.next_stage, run.next_epoch, run.resume_state = r["next_stage"], r["next_epoch"], r
-        aug.generator.set_state(r["rng"]["augment"][rank])
+        states = r["rng"]["augment"]
+        aug.generator.set_state(states[rank % len(states)])
         torch.set_rng_state(r["rng"]["torch"])
     elif runtime.is_main_process():
         checkpoints.write_json(to_dict(cfg), path / "config.json")
@@ -153,8 +164,12 @@ def make_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, steps: 
 
 
 def _autocast(device: torch.device):
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"), dtype
+    """bf16 autocast on CUDA GPUs that have it natively (compute capability 8.0 and up), fp16
+    (with a gradient scaler) on older ones; no autocast elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), torch.float32
+    dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
 
 
 def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> float:
@@ -230,6 +245,10 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
     from .plots import loss_curves  # matplotlib only where curves are drawn
 
     cfg, raw = run.cfg, run.model
+    if run.in_epoch:
+        raise UserError("this run was interrupted in the middle of an epoch, so its model is no longer "
+                        "that of its last saved epoch. Continue it with resume=True (prepare it again), "
+                        "which goes on from the last completed epoch.")
     model = torch.compile(raw) if cfg.compile else raw
     spe = steps_per_epoch(run)
     for si in range(run.next_stage, len(cfg.stages)):
@@ -240,19 +259,22 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
         opt = make_optimizer(cfg, params, run.device)
         sched = make_schedule(cfg, opt, stage, spe * stage.epochs)
-        scaler = torch.amp.GradScaler(run.device.type, enabled=_autocast(run.device)[1] == torch.float16 and run.device.type == "cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=_autocast(run.device)[1] == torch.float16)
         stage_best, bad = math.inf, 0
         r = run.resume_state
         if r is not None and r["stage"] == si:
             opt.load_state_dict(r["optimizer"])
             sched.load_state_dict(r["scheduler"])
+            scaler.load_state_dict(r.get("scaler", {}))
             stage_best, bad = r["stage_best"], r["bad_epochs"]
         run.resume_state = None
         stopped = False
         for e in range(run.next_epoch, stage.epochs):
             start, epoch = time.time(), len(run.history)
+            run.in_epoch = True
             train_loss = train_epoch(run, net, opt, sched, scaler, epoch)
             val_loss, val_acc = validate(run, net)
+            run.in_epoch = False
             improved_stage = val_loss < stage_best
             stage_best, bad = (val_loss, 0) if improved_stage else (stage_best, bad + 1)
             stopped = bad >= cfg.patience
@@ -271,7 +293,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
                     checkpoints.save(_checkpoint(run, state, {"metrics": row}), run.dir / "best.pt")
                 checkpoints.save(_checkpoint(run, state, {"metrics": row, "resume": {
                     "stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stage_best": stage_best,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "stage_best": stage_best,
                     "bad_epochs": bad, "best_val_loss": run.best_val_loss,
                     "rng": {"augment": rng, "torch": torch.get_rng_state()}}}), run.dir / "last.pt")
                 checkpoints.write_history(run.history, run.dir / "history.csv")

@@ -75,8 +75,8 @@ def bad_inputs(picture):
 
 
 @pytest.mark.parametrize("kind", ["not an image", "truncated", "empty", "huge"])
-def test_bad_pictures_are_clear_errors(predictor, picture, kind, monkeypatch):
-    monkeypatch.setattr(preprocess, "MAX_PIXELS", 10_000_000)
+def test_bad_pictures_are_clear_errors(predictor, picture, kind):
+    assert 8000 * 8000 > preprocess.MAX_PIXELS  # "huge" is over the limit as it stands
     with pytest.raises(UserError, match="above the limit" if kind == "huge" else "usable image"):
         predictor.predict(bad_inputs(picture)[kind])
 
@@ -127,3 +127,21 @@ def test_widget_shows_predictions_and_a_message_per_bad_file(predictor, picture)
     assert "broken.png" in broken.value and "not a usable image" in broken.value
     assert "empty.webp" in empty.value and "empty" in empty.value
     assert app.upload.value == ()  # the uploaded bytes are not kept
+
+
+def test_pil_syntax_errors_for_broken_pngs_are_clear_errors(predictor, picture, monkeypatch):
+    def broken(*a, **k):
+        raise SyntaxError("broken PNG file (chunk b'\\x00\\x00')")  # what PIL raises for some damage
+    monkeypatch.setattr(preprocess.Image, "open", broken)
+    with pytest.raises(UserError, match="not a usable image.*broken PNG"):
+        predictor.predict(png_bytes(picture))
+
+
+def test_widget_survives_unexpected_errors_and_always_clears_the_upload(predictor, picture, monkeypatch):
+    app = UploadApp(predictor)
+    monkeypatch.setattr(predictor, "predict", lambda *a, **k: 1 / 0)
+    app.upload.value = upload(("odd.png", png_bytes(picture)))
+    (msg,) = app.results.children
+    assert "odd.png" in msg.value and "ZeroDivisionError" in msg.value and app.upload.value == ()
+    with pytest.raises(UserError, match="top_k must be at least 1"):
+        Predictor.predict(predictor, picture, top_k=0)

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -190,13 +189,14 @@ def test_local_weights_file_head_is_dropped_other_mismatches_listed(tmp_path, ca
 
 
 def test_offline_imagenet_weights_are_one_clear_error(tmp_path, monkeypatch):
+    before = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path))  # nothing cached
     monkeypatch.setattr(model_lib, "_resolves", lambda host, timeout: f"cannot resolve {host}")
     try:
         with pytest.raises(UserError, match=r"ImageNet weights of resnet18 are not cached.*weights=<path.*weights=\"none\""):
             model_lib.build_model("resnet18", 100, "imagenet")
     finally:
-        torch.hub.set_dir(str(Path.home() / ".cache" / "torch" / "hub"))
+        torch.hub.set_dir(before)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "vit_b_16", "vit_tiny_patch16_224", "efficientnet_b0.ra_in1k"])
@@ -271,3 +271,24 @@ def test_offline_timm_weights_fail_fast_with_the_same_remedies(tmp_path, monkeyp
     monkeypatch.setattr(model_lib, "_resolves", lambda host, timeout: f"cannot resolve {host}")
     with pytest.raises(UserError, match=r"resnet18.a1_in1k are not cached.*weights=\"none\""):
         model_lib.build_model("resnet18.a1_in1k", 100, "imagenet")
+
+
+def test_an_interrupted_epoch_cannot_be_continued_in_memory(tmp_path, monkeypatch):
+    run = train.prepare(tiny_cfg(tmp_path, epochs=3))
+    real = train.train_epoch
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(train.epochs(run))
+    monkeypatch.setattr(train, "train_epoch", real)
+    with pytest.raises(UserError, match="interrupted in the middle of an epoch.*resume=True"):
+        list(train.epochs(run))
+
+
+def test_training_needs_a_validation_split_and_rejects_unsupported_backbones():
+    with pytest.raises(UserError, match="val_fraction must be above 0"):
+        make_config("cpu", val_fraction=0.0)
+    with pytest.raises(UserError, match="googlenet is not supported"):
+        model_lib.build_model("googlenet", 100, "none")
