@@ -187,19 +187,28 @@ def geometry(p: dict[str, torch.Tensor]) -> torch.Tensor:
     return persp @ _rotation(p["affine_deg"], p["tx"], p["ty"]) @ _rotation(p["rotation_deg"]) @ flip
 
 
-def warp(x: torch.Tensor, forward: torch.Tensor, size: int) -> torch.Tensor:
-    """Resample `x` once at `size` x `size` through the inverse of `forward`; outside is 0."""
+def sampling_grid(forward: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, size, size, 2) source coordinates of each output pixel: the inverse of `forward`."""
     inv = torch.linalg.inv(forward).view(-1, 3, 3, 1, 1)
-    lin = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1  # pixel centres
+    lin = (torch.arange(size, device=like.device, dtype=like.dtype) * 2 + 1) / size - 1  # pixel centres
     gx, gy = lin.view(1, 1, -1), lin.view(1, -1, 1)
     row = lambda r, out=None: torch.addcmul(inv[:, r, 2] + inv[:, r, 1] * gy, inv[:, r, 0], gx, out=out)  # noqa: E731
-    grid = torch.empty(len(x), size, size, 2, device=x.device, dtype=x.dtype)
+    grid = torch.empty(len(forward), size, size, 2, device=like.device, dtype=like.dtype)
     row(0, grid[..., 0]), row(1, grid[..., 1])
-    grid.div_(row(2).unsqueeze(-1))  # the projective divide (1 without perspective)
-    # Inside the image, edge pixels extend to its border (as a plain resize does); outside it,
-    # black (as the original's rotations fill). Zero padding alone would darken every border.
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.masked_fill_(grid.abs_().amax(-1).unsqueeze(1) > 1, 0.0)  # grid is spent: in place
+    return grid.div_(row(2).unsqueeze(-1))  # the projective divide (1 without perspective)
+
+
+def blacken_outside(out: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Black where the source lies outside the image, as the original's rotations fill (grid_sample
+    ran with border padding, so that inside the image, edge pixels extend to its border as a
+    plain resize does: zero padding alone would darken every border). Spends `grid`."""
+    return out.masked_fill_(grid.abs_().amax(-1).unsqueeze(1) > 1, 0.0)
+
+
+def warp(x: torch.Tensor, forward: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample `x` once at `size` x `size` through the inverse of `forward`; outside is 0."""
+    grid = sampling_grid(forward, size, x)
+    return blacken_outside(F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False), grid)
 
 
 def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -305,30 +314,37 @@ class BatchAugment:
             x = blur(x, p["sigma"] * x.shape[-1] / s)
         # Warping x / std and then subtracting mean / std equals normalising after the warp, and
         # keeps the outside black as in the original (padding with 0 before normalisation).
-        out = warp(x / x.new_tensor(self.std).view(1, 3, 1, 1), geometry(p), s)
+        grid = sampling_grid(geometry(p), s, x)
+        out = F.grid_sample(x / x.new_tensor(self.std).view(1, 3, 1, 1), grid, mode="bilinear",
+                            padding_mode="border", align_corners=False)  # the one resample
         step = CPU_CHUNK if dev.type == "cpu" else b
         for a in range(0, b, step):
             part = slice(a, a + step)
-            self._finish(out[part], {k: v[part] for k, v in p.items()})
+            self._finish(out[part], grid[part], {k: v[part] for k, v in p.items()})
         y = soft_targets(labels, self.num_classes, pol.label_smoothing)
         if p["mix"].any():
             y = y.lerp(y[pair_partners(b, dev)], (1 - p["lam"]).view(-1, 1))
         return out, y
 
-    def _finish(self, out: torch.Tensor, p: dict[str, torch.Tensor]):
-        """Normalisation, erasing and mixing of one chunk of warped images, in place.
+    def _finish(self, out: torch.Tensor, grid: torch.Tensor, p: dict[str, torch.Tensor]):
+        """Black outside, normalisation, erasing and mixing of one chunk of warped images, in place.
 
         Full-size tensors are touched as few times as possible and in place: on a CPU, fresh
         allocations of that size cost more than the arithmetic, and a chunk of `CPU_CHUNK`
         images stays in the cache from one pass to the next.
         """
+        blacken_outside(out, grid)
         out.sub_((out.new_tensor(self.mean) / out.new_tensor(self.std)).view(1, 3, 1, 1))
         if self.policy.erasing_p:
             out.masked_fill_(box_mask(self.size, *p["erase_box"].unbind(1)), 0.0)
         if p["mix"].any():
             cut = p["cutmix"].view(-1, 1, 1, 1)
             weight = torch.where(cut, box_mask(self.size, *p["cut_box"].unbind(1)), (1 - p["lam"]).view(-1, 1, 1, 1))
-            out.lerp_(out[pair_partners(len(out), out.device)], weight)
+            n = len(out) // 2 * 2  # pairs (0, 1), (2, 3), ...; an odd last image stays as it is
+            first, second = out[0:n:2], out[1:n:2]
+            kept = first.clone()  # half a chunk copied, not a whole one
+            first.lerp_(second, weight[0:n:2])
+            second.lerp_(kept, weight[1:n:2])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         return self.apply(images, labels, self.sample(len(images)))
