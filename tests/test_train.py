@@ -292,3 +292,27 @@ def test_training_needs_a_validation_split_and_rejects_unsupported_backbones():
         make_config("cpu", val_fraction=0.0)
     with pytest.raises(UserError, match="googlenet is not supported"):
         model_lib.build_model("googlenet", 100, "none")
+
+
+@pytest.mark.parametrize("ends_run,stages_seen", [(True, ["head", "head"]), (False, ["head", "head", "all", "all"])])
+def test_early_stopping_ends_the_run_or_only_the_stage(tmp_path, monkeypatch, ends_run, stages_seen):
+    losses = iter(range(1, 100))  # validation loss that only ever gets worse
+    monkeypatch.setattr(train, "validate", lambda run, model: (float(next(losses)), 0.0))
+    run = train.prepare(tiny_cfg(tmp_path, epochs=6, patience=1, stop_ends_run=ends_run))
+    assert [s.epochs for s in run.cfg.stages] == [2, 4]
+    assert [r["stage"] for r in train.epochs(run)] == stages_seen
+
+
+def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path):
+    def rows(run, stop_after=None):
+        out = []
+        for row in train.epochs(run):
+            out.append({k: v for k, v in row.items() if k != "seconds"})
+            if len(out) == stop_after:
+                break
+        return out
+    whole = rows(train.prepare(tiny_cfg(tmp_path, epochs=3, run_name="whole")))
+    first = rows(train.prepare(tiny_cfg(tmp_path, epochs=3, run_name="cut")), stop_after=1)  # the head stage
+    rest = rows(train.prepare(tiny_cfg(tmp_path, epochs=3, run_name="cut", resume=True)))
+    assert [r["stage"] for r in first + rest] == ["head", "all", "all"]
+    assert first + rest == whole
