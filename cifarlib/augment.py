@@ -195,7 +195,14 @@ def sampling_grid(forward: torch.Tensor, size: int, like: torch.Tensor) -> torch
     row = lambda r, out=None: torch.addcmul(inv[:, r, 2] + inv[:, r, 1] * gy, inv[:, r, 0], gx, out=out)  # noqa: E731
     grid = torch.empty(len(forward), size, size, 2, device=like.device, dtype=like.dtype)
     row(0, grid[..., 0]), row(1, grid[..., 1])
-    return grid.div_(row(2).unsqueeze(-1))  # the projective divide (1 without perspective)
+    if like.device.type != "cpu":  # one pass; picking the few below would make the GPU wait
+        return grid.div_(row(2).unsqueeze(-1))  # the projective divide (by 1 for affine maps)
+    # on a CPU, divide only the samples with a perspective part (a fifth, in the original policy)
+    idx = ((inv[:, 2, 0] != 0) | (inv[:, 2, 1] != 0)).flatten().nonzero().flatten()
+    if len(idx):
+        z = torch.addcmul(inv[idx, 2, 2] + inv[idx, 2, 1] * gy, inv[idx, 2, 0], gx)
+        grid[idx] = grid[idx] / z.unsqueeze(-1)
+    return grid
 
 
 def blacken_outside(out: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
