@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_augment, beside this file
 from bench_augment import PilDataset, original_transform  # noqa: E402

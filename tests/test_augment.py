@@ -5,6 +5,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from cifarlib import augment
+from cifarlib import geometry as geo
 from cifarlib.augment import BatchAugment, make_policy
 from cifarlib.errors import UserError
 from cifarlib.preprocess import evaluation_inputs
@@ -123,9 +124,9 @@ def test_blur_matches_torchvision_per_sample():
 
 
 def test_perspective_matrices_move_the_corners_as_drawn():
-    src = torch.tensor(augment.CORNERS).expand(5, 4, 2)
+    src = torch.tensor(geo.CORNERS).expand(5, 4, 2)
     dst = src - src.sign() * torch.rand(5, 4, 2) * 0.5
-    h = augment.homography(src, dst)
+    h = geo.homography(src, dst)
     mapped = torch.cat([src, torch.ones(5, 4, 1)], -1) @ h.transpose(1, 2)
     assert torch.allclose(mapped[..., :2] / mapped[..., 2:], dst, atol=1e-5)
 
@@ -206,10 +207,10 @@ INNER = (slice(None), slice(None), slice(8, 24), slice(8, 24))
 def test_rotation_and_affine_warps_match_torchvision():
     from torchvision.transforms import InterpolationMode
     img, th = smooth(), torch.tensor([10.0])
-    ours = augment.warp(img, augment._rotation(th), 32)
+    ours = geo.warp(img, geo._rotation(th), 32)
     ref = TF.rotate(img, -10.0, interpolation=InterpolationMode.BILINEAR)  # ours turns clockwise
     assert torch.allclose(ours[INNER], ref[INNER], atol=1e-5)
-    ours = augment.warp(img, augment._rotation(th, torch.tensor([0.25]), torch.tensor([-0.125])), 32)
+    ours = geo.warp(img, geo._rotation(th, torch.tensor([0.25]), torch.tensor([-0.125])), 32)
     ref = TF.affine(img, angle=10.0, translate=[4, -2], scale=1.0, shear=[0.0, 0.0],
                     interpolation=InterpolationMode.BILINEAR)  # 0.25 of [-1, 1] is 4 px of 32
     assert torch.allclose(ours[INNER], ref[INNER], atol=1e-5)
@@ -221,8 +222,8 @@ def test_perspective_warp_matches_torchvision():
     end = [[5, 3], [27, 1], [30, 26], [2, 29]]
     # torchvision's point coordinates run from 0 at the image's left edge to 32 at its right
     to_norm = lambda pts: torch.tensor(pts, dtype=torch.float32) * 2 / 32 - 1  # noqa: E731
-    forward = augment.homography(to_norm(start).unsqueeze(0), to_norm(end).unsqueeze(0))
-    ours = augment.warp(smooth(), forward, 32)
+    forward = geo.homography(to_norm(start).unsqueeze(0), to_norm(end).unsqueeze(0))
+    ours = geo.warp(smooth(), forward, 32)
     ref = TF.perspective(smooth(), start, end, interpolation=InterpolationMode.BILINEAR)
     assert torch.allclose(ours[INNER], ref[INNER], atol=1e-4)
 
@@ -231,7 +232,7 @@ def test_geometry_composes_flip_rotation_affine_perspective_in_order():
     from torchvision.transforms import InterpolationMode as IM
     p = {"flip": torch.tensor([-1.0]), "rotation_deg": torch.tensor([8.0]), "affine_deg": torch.tensor([-6.0]),
          "tx": torch.tensor([0.125]), "ty": torch.tensor([0.0]), "corner_shift": torch.zeros(1, 4, 2)}
-    ours = augment.warp(smooth(), augment.geometry(p), 32)
+    ours = geo.warp(smooth(), geo.geometry(p), 32)
     ref = TF.affine(TF.rotate(TF.hflip(smooth()), -8.0, interpolation=IM.BILINEAR), angle=-6.0, translate=[2, 0],
                     scale=1.0, shear=[0.0, 0.0], interpolation=IM.BILINEAR)
     # one resample against two: equal up to the second interpolation's blur
