@@ -66,9 +66,9 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def summary(rates, batch, device, **extra):
+def summary(rates, batch, peak_mb, **extra):
     return {"images_per_s": round(statistics.median(rates), 1), "windows": [round(r, 1) for r in rates],
-            "batch_size": batch, "peak_memory_mb": peak_memory_mb(device), **extra}
+            "batch_size": batch, "peak_memory_mb": peak_mb, **extra}
 
 
 def ours(a, images, labels, device, head_only: bool):
@@ -187,8 +187,7 @@ def main():
     result = {"ours": {}, "original": {}}
     for (who, stage), r in rates.items():
         extra = dict(info[(who, stage)])
-        entry = summary(r, extra.pop("batch_size"), device, **extra)
-        entry["peak_memory_mb"] = peaks[(who, stage)]
+        entry = summary(r, extra.pop("batch_size"), peaks[(who, stage)], **extra)
         if who == "ours":
             result["ours"][stage] = entry
         else:

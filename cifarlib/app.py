@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 from PIL import Image
 
 from .errors import UserError
+from .plots import png_bytes
 from .predict import Prediction, Predictor
 from .preprocess import cifar_like
 
@@ -74,9 +75,7 @@ class UploadApp:
         original.thumbnail((160, 160))
         previews = widgets.HBox([widgets.Image(value=_png(original.convert("RGB")), format="png"),
                                  widgets.Image(value=_png(seen), format="png")])
-        buf = io.BytesIO()
-        bar_chart(p).savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        chart = widgets.Image(value=buf.getvalue(), format="png")
+        chart = widgets.Image(value=png_bytes(bar_chart(p), dpi=90), format="png")
         superclass = f"; superclass <b>{html.escape(p.superclass)}</b>" if p.superclass else ""
         caption = widgets.HTML(f"{title}: <b>{html.escape(p.top[0][0])}</b> ({p.top[0][1]:.1%}){superclass}"
                                "<br><small>your picture, and the 32 px image the model sees</small>")

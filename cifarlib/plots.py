@@ -135,14 +135,18 @@ class LiveCurves:
         self.handle.update(loss_curves(history))
 
 
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """A figure as PNG bytes."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
 def save_png(fig, path) -> None:
     """Save a figure as PNG through a temporary file and a rename."""
-    import io
-
     from .checkpoints import write_atomically
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    write_atomically(path, buf.getvalue())
+    write_atomically(path, png_bytes(fig))
 
 
 def superclass_order(fine_to_coarse) -> list[int]:

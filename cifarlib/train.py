@@ -22,7 +22,6 @@ training on its own shard of the device-resident data; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import sys
@@ -180,11 +179,11 @@ def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> f
     total, seen = torch.zeros((), device=run.device), 0
     bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}", leave=False,
                disable=not runtime.is_main_process())
+    autocast, _ = _autocast(run.device)
     for i, (x, y) in enumerate(bar):
         inputs, targets = run.aug(x, y)
         if run.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        autocast, _ = _autocast(run.device)
         with autocast:
             loss = F.cross_entropy(model(inputs).float(), targets)
         scaler.scale(loss / accum).backward()
@@ -212,8 +211,8 @@ def validate(run: Run, model: nn.Module) -> tuple[float, float]:
     model.eval()
     mean, std = run.aug.mean, run.aug.std
     loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
+    autocast, _ = _autocast(run.device)
     for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
-        autocast, _ = _autocast(run.device)
         with autocast:
             logits = model(evaluation_inputs(x, run.cfg.image_size, mean, std)).float()
         loss += F.cross_entropy(logits, y, reduction="sum")
@@ -242,7 +241,7 @@ def _rng_states(run: Run) -> list[torch.Tensor]:
 
 def epochs(run: Run) -> Iterator[dict[str, Any]]:
     """Train from where `run` stands; yields each epoch's history row after saving it."""
-    from .plots import loss_curves  # matplotlib only where curves are drawn
+    from .plots import loss_curves, save_png  # matplotlib only where curves are drawn
 
     cfg, raw = run.cfg, run.model
     if run.in_epoch:
@@ -297,9 +296,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
                     "bad_epochs": bad, "best_val_loss": run.best_val_loss,
                     "rng": {"augment": rng, "torch": torch.get_rng_state()}}}), run.dir / "last.pt")
                 checkpoints.write_history(run.history, run.dir / "history.csv")
-                buf = io.BytesIO()
-                loss_curves(run.history).savefig(buf, format="png", dpi=100, bbox_inches="tight")
-                checkpoints.write_atomically(run.dir / "loss_curves.png", buf.getvalue())
+                save_png(loss_curves(run.history), run.dir / "loss_curves.png")
             yield row
             if stopped:
                 break
