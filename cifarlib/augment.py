@@ -23,8 +23,12 @@ same with every random parameter drawn per sample, as tensors:
 4. normalisation with the backbone's mean and std, random erasing (to 0, after normalising, as
    torchvision does), and Mixup/CutMix with label-smoothed soft targets.
 
-Random parameters come from a seeded CPU generator (a few numbers per sample, copied to the
-device), so the same seed gives the same batch on the same device.
+Random parameters come from a seeded CPU generator, so the same seed gives the same batch on the
+same device. Everything that depends on them is computed on the CPU too, the 3x3 matrices and
+their inverses included, and travels to the device as one packed tensor (pinned, non-blocking on
+CUDA). Constants are made once per device. So a batch's augmentation never makes the host wait
+for the GPU: the host can queue the next steps while the GPU works. On CUDA the inputs come out
+channels_last, the layout the model runs in there.
 """
 
 from __future__ import annotations
@@ -122,9 +126,20 @@ def make_policy(name: str = "original", **overrides) -> Policy:
     return policy
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`values` as a (1, n, 1, 1) float tensor on `device`, made once per process and device:
+    building it afresh for each batch would copy it to the GPU and make the host wait."""
+    key = (values, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return _CONSTANTS[key]
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = x.new_tensor(GRAY).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return (x * constant(GRAY, x.device)).sum(1, keepdim=True)
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -137,7 +152,7 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
     h = (h + shift.view(-1, 1, 1)) % 1.0
     s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h.unsqueeze(1) * 6) % 6
+    k = (constant((5.0, 3.0, 1.0), x.device) + h.unsqueeze(1) * 6) % 6
     return maxc.unsqueeze(1) - maxc.unsqueeze(1) * s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
@@ -170,8 +185,8 @@ def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def box_mask(size: int, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(B, 1, size, size) booleans, True inside each sample's box (empty where h or w is 0)."""
-    r = torch.arange(size, device=top.device).view(1, 1, -1, 1)
-    c = torch.arange(size, device=top.device).view(1, 1, 1, -1)
+    r = constant(tuple(range(size)), top.device).view(1, 1, -1, 1)
+    c = r.view(1, 1, 1, -1)
     v = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
     return ((r >= v(top)) & (r < v(top + h))) & ((c >= v(left)) & (c < v(left + w)))
 
@@ -189,6 +204,17 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
         1, labels.view(-1, 1), 1 - smoothing + off)
 
 
+# What `apply` needs on the device, per sample, packed in this order into one float32 tensor.
+PACKED = (("jitter", 4), ("order", 4), ("grayscale", 1), ("sigma", 1), ("inverse", 9),
+          ("erase_box", 4), ("cutmix", 1), ("cut_box", 4), ("lam", 1))
+INTEGER = ("order", "erase_box", "cut_box")
+
+
+def mixes(policy: Policy) -> bool:
+    """Whether a policy mixes pairs of samples: known from the policy, no device read needed."""
+    return policy.mixup_alpha > 0 or policy.cutmix_alpha > 0
+
+
 @dataclass
 class BatchAugment:
     """`images uint8 (B, 3, 32, 32), labels (B,)` -> `inputs (B, 3, size, size), soft targets (B, C)`.
@@ -198,6 +224,7 @@ class BatchAugment:
     numpy's global generator, so neither the per-sample rule nor seeding by a generator held.
     Pairs are neighbours, (0, 1), (2, 3), ..., in a shuffled batch (timm pairs i with B-1-i);
     neighbours keep a pair inside one chunk of the CPU path. An odd last sample is left unmixed.
+    `channels_last` (None: on CUDA) chooses the inputs' memory layout.
     """
     policy: Policy
     size: int
@@ -205,13 +232,15 @@ class BatchAugment:
     std: tuple[float, float, float]
     num_classes: int
     seed: int = 0
+    channels_last: bool | None = None
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def sample(self, b: int) -> dict[str, torch.Tensor]:
-        """Every random parameter of a batch of `b`, drawn on the CPU."""
+        """Every random parameter of a batch of `b`, and what follows from them (the geometric
+        maps' inverses), computed on the CPU."""
         p, g, s = self.policy, self.generator, self.size
         u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
         sym = lambda v: (u(b) * 2 - 1) * v  # noqa: E731
@@ -229,7 +258,7 @@ class BatchAugment:
         cy, cx = (u(b) * s).long(), (u(b) * s).long()
         y0, y1 = (cy - ch // 2).clamp(0, s), (cy + ch // 2).clamp(0, s)
         x0, x1 = (cx - cw // 2).clamp(0, s), (cx + cw // 2).clamp(0, s)
-        return {
+        out = {
             "jitter": torch.stack([1 + sym(p.brightness), 1 + sym(p.contrast), 1 + sym(p.saturation), sym(p.hue)], 1),
             "order": torch.argsort(u(b, 4), 1),
             "grayscale": on(p.grayscale_p),
@@ -241,15 +270,34 @@ class BatchAugment:
             "sigma": p.blur_sigma[0] + u(b) * (p.blur_sigma[1] - p.blur_sigma[0]) if p.blur_sigma else torch.zeros(b),
             "erase_box": torch.stack([  # top, left, height, width; 0 x 0 where not erasing
                 (u(b) * (s - eh + 1)).long(), (u(b) * (s - ew + 1)).long(), eh, ew], 1) * on(p.erasing_p).view(-1, 1),
-            "mix": torch.tensor(p.mixup_alpha > 0 or p.cutmix_alpha > 0).expand(b),
             "cutmix": use_cutmix, "cut_box": torch.stack([y0, x0, y1 - y0, x1 - x0], 1),
             "lam": torch.where(use_cutmix, 1 - (y1 - y0) * (x1 - x0) / (s * s), lam),
         }
+        out["inverse"] = torch.linalg.inv(geometry(out))
+        return out
+
+    def to_device(self, p: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """The parameters `apply` needs, on `device`, in one transfer: packed into one float32
+        tensor (pinned memory and a non-blocking copy on CUDA), then unpacked into views there."""
+        b = len(p["lam"])
+        packed = torch.cat([p[k].reshape(b, n).float() for k, n in PACKED], 1)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        out, at = {}, 0
+        for k, n in PACKED:
+            v = packed[:, at:at + n]
+            at += n
+            out[k] = v.long() if k in INTEGER else v > 0.5 if k in ("grayscale", "cutmix") else v
+        out["inverse"] = out["inverse"].reshape(b, 3, 3)
+        for k in ("grayscale", "sigma", "cutmix", "lam"):
+            out[k] = out[k].reshape(b)
+        return out
 
     def apply(self, images: torch.Tensor, labels: torch.Tensor, p: dict[str, torch.Tensor]):
         """Apply drawn parameters `p` (see `sample`) to a batch; returns inputs and soft targets."""
         pol, dev, s, b = self.policy, images.device, self.size, len(images)
-        p = {k: v.to(dev) for k, v in p.items()}
+        p = self.to_device(p, dev)
         x = images.float().div_(255)
         if pol.brightness or pol.contrast or pol.saturation or pol.hue:
             x = color_jitter(x, p["jitter"], p["order"])
@@ -259,34 +307,38 @@ class BatchAugment:
             x = blur(x, p["sigma"] * x.shape[-1] / s)
         # Warping x / std and then subtracting mean / std equals normalising after the warp, and
         # keeps the outside black as in the original (padding with 0 before normalisation).
-        grid = sampling_grid(geometry(p), s, x)
-        out = F.grid_sample(x / x.new_tensor(self.std).view(1, 3, 1, 1), grid, mode="bilinear",
+        grid = sampling_grid(p["inverse"], s, x)
+        out = F.grid_sample(x / constant(self.std, dev), grid, mode="bilinear",
                             padding_mode="border", align_corners=False)  # the one resample
+        layout = self.channels_last if self.channels_last is not None else dev.type == "cuda"
+        final = torch.empty_like(out, memory_format=torch.channels_last) if layout else out
         step = CPU_CHUNK if dev.type == "cpu" else b
         for a in range(0, b, step):
             part = slice(a, a + step)
-            self._finish(out[part], grid[part], {k: v[part] for k, v in p.items()})
+            self._finish(out[part], final[part], grid[part], {k: v[part] for k, v in p.items()})
         y = soft_targets(labels, self.num_classes, pol.label_smoothing)
-        if p["mix"].any():
+        if mixes(pol):
             y = y.lerp(y[pair_partners(b, dev)], (1 - p["lam"]).view(-1, 1))
-        return out, y
+        return final, y
 
-    def _finish(self, out: torch.Tensor, grid: torch.Tensor, p: dict[str, torch.Tensor]):
-        """Black outside, normalisation, erasing and mixing of one chunk of warped images, in place.
+    def _finish(self, out: torch.Tensor, final: torch.Tensor, grid: torch.Tensor, p: dict[str, torch.Tensor]):
+        """Black outside, normalisation, erasing and mixing of one chunk of warped images, into
+        `final` (which is `out` itself, or a channels_last tensor that the normalisation writes).
 
         Full-size tensors are touched as few times as possible and in place: on a CPU, fresh
         allocations of that size cost more than the arithmetic, and a chunk of `CPU_CHUNK`
         images stays in the cache from one pass to the next.
         """
         blacken_outside(out, grid)
-        out.sub_((out.new_tensor(self.mean) / out.new_tensor(self.std)).view(1, 3, 1, 1))
+        shift = constant(tuple(m / sd for m, sd in zip(self.mean, self.std)), out.device)
+        torch.sub(out, shift, out=final)
         if self.policy.erasing_p:
-            out.masked_fill_(box_mask(self.size, *p["erase_box"].unbind(1)), 0.0)
-        if p["mix"].any():
+            final.masked_fill_(box_mask(self.size, *p["erase_box"].unbind(1)), 0.0)
+        if mixes(self.policy):
             cut = p["cutmix"].view(-1, 1, 1, 1)
             weight = torch.where(cut, box_mask(self.size, *p["cut_box"].unbind(1)), (1 - p["lam"]).view(-1, 1, 1, 1))
-            n = len(out) // 2 * 2  # pairs (0, 1), (2, 3), ...; an odd last image stays as it is
-            first, second = out[0:n:2], out[1:n:2]
+            n = len(final) // 2 * 2  # pairs (0, 1), (2, 3), ...; an odd last image stays as it is
+            first, second = final[0:n:2], final[1:n:2]
             kept = first.clone()  # half a chunk copied, not a whole one
             first.lerp_(second, weight[0:n:2])
             second.lerp_(kept, weight[1:n:2])

@@ -3,7 +3,9 @@ matrices in normalised coordinates ([-1, 1] across the image, pixel centres as g
 align_corners=False), composed per sample and applied with a single resample.
 
 Normalised coordinates make the resize from 32 px to the output size the identity, so one
-`grid_sample` does the geometry and the resize together. `cifarlib.augment` draws the parameters.
+`grid_sample` does the geometry and the resize together. `cifarlib.augment` draws the parameters
+and builds the matrices and their inverses on the CPU (`geometry`, `torch.linalg.inv`): solving
+small systems on a GPU makes the host wait for it, so only the finished inverses travel.
 """
 
 from __future__ import annotations
@@ -44,15 +46,27 @@ def geometry(p: dict[str, torch.Tensor]) -> torch.Tensor:
     return persp @ _rotation(p["affine_deg"], p["tx"], p["ty"]) @ _rotation(p["rotation_deg"]) @ flip
 
 
-def sampling_grid(forward: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
-    """(B, size, size, 2) source coordinates of each output pixel: the inverse of `forward`."""
-    inv = torch.linalg.inv(forward).view(-1, 3, 3, 1, 1)
-    lin = (torch.arange(size, device=like.device, dtype=like.dtype) * 2 + 1) / size - 1  # pixel centres
+_CENTRES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def pixel_centres(size: int, device: torch.device) -> torch.Tensor:
+    """The normalised x (or y) of each of `size` pixel centres, made once per size and device."""
+    key = (size, str(device))
+    if key not in _CENTRES:
+        _CENTRES[key] = ((torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1).to(device)
+    return _CENTRES[key]
+
+
+def sampling_grid(inverse: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, size, size, 2) source coordinates of each output pixel, from the inverse matrices
+    (B, 3, 3) of the forward maps, on `like`'s device."""
+    inv = inverse.view(-1, 3, 3, 1, 1)
+    lin = pixel_centres(size, like.device)
     gx, gy = lin.view(1, 1, -1), lin.view(1, -1, 1)
     row = lambda r, out=None: torch.addcmul(inv[:, r, 2] + inv[:, r, 1] * gy, inv[:, r, 0], gx, out=out)  # noqa: E731
-    grid = torch.empty(len(forward), size, size, 2, device=like.device, dtype=like.dtype)
+    grid = torch.empty(len(inverse), size, size, 2, device=like.device, dtype=like.dtype)
     row(0, grid[..., 0]), row(1, grid[..., 1])
-    if like.device.type != "cpu":  # one pass; picking the few below would make the GPU wait
+    if like.device.type != "cpu":  # one pass; picking the few below would make the host wait
         return grid.div_(row(2).unsqueeze(-1))  # the projective divide (by 1 for affine maps)
     # on a CPU, divide only the samples with a perspective part (a fifth, in the original policy)
     idx = ((inv[:, 2, 0] != 0) | (inv[:, 2, 1] != 0)).flatten().nonzero().flatten()
@@ -71,5 +85,5 @@ def blacken_outside(out: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 def warp(x: torch.Tensor, forward: torch.Tensor, size: int) -> torch.Tensor:
     """Resample `x` once at `size` x `size` through the inverse of `forward`; outside is 0."""
-    grid = sampling_grid(forward, size, x)
+    grid = sampling_grid(torch.linalg.inv(forward), size, x)
     return blacken_outside(F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False), grid)

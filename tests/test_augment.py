@@ -273,3 +273,35 @@ def test_blur_runs_when_on_and_translation_reaches_its_range():
     assert (sharp - blurred).abs().mean() > 0.05
     t = aug("original").sample(4000)
     assert t["tx"].abs().max() > 0.19 and t["ty"].abs().max() > 0.19
+
+
+def test_parameters_reach_the_device_in_one_transfer(monkeypatch):
+    """Each small copy to a GPU makes the host wait: `apply` sends one packed tensor per batch,
+    and its constants are made on the device once (by the first batch), not for every batch."""
+    images, labels = batch(8)
+    a = aug("original", size=48)
+    a(images, labels)
+    p = a.sample(8)
+    calls = []
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kw: calls.append(args) or real(self, *args, **kw))
+    a.apply(images, labels, p)
+    assert len(calls) == 1
+
+
+def test_augmentation_reads_no_value_back_from_the_device():
+    """On the meta device a tensor has no values, so any host read of one (`.item()`, `.any()` in
+    an `if`, `.nonzero()`, `.tolist()`) raises: the batch goes through without one."""
+    images, labels = batch(8)
+    for policy in ("original", "light"):
+        x, y = aug(policy, size=48)(images.to("meta"), labels.to("meta"))
+        assert x.shape == (8, 3, 48, 48) and y.shape == (8, 100) and x.device.type == "meta"
+
+
+def test_channels_last_inputs_hold_the_same_values():
+    images, labels = batch(8)
+    a, b = aug("original", size=48, seed=3), aug("original", size=48, seed=3)
+    b.channels_last = True
+    (xa, ya), (xb, yb) = a(images, labels), b(images, labels)
+    assert xb.is_contiguous(memory_format=torch.channels_last) and not xa.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
