@@ -6,22 +6,29 @@ written to a temporary name beside it and renamed into place, so a crash or a fu
 leaves a truncated file where the last good one was. A checkpoint holds only tensors, numbers,
 strings, lists and dicts, so `torch.load(..., weights_only=True)` reads it and nothing in it can
 run code.
+
+Training does not wait for its files: it copies what it saves to CPU memory (`snapshot`) and
+hands the writing, and the drawing of the curves, to `SAVER`, one background thread.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import errno
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from . import runtime
 from .errors import UserError
@@ -35,26 +42,37 @@ def default_run_name(preset: str, backbone: str) -> str:
 
 def prepare_run_dir(run_name: str, resume: bool, overwrite: bool, root: str = "checkpoints") -> Path:
     """The run's folder, created; refuses to overwrite silently, or to resume from nothing.
-    Under torchrun rank 0 decides first; the others then see the same folder and agree."""
-    with runtime.main_process_first():
-        return _prepare_run_dir(runtime.resolve_path(root) / run_name, resume, overwrite)
+
+    Under torchrun rank 0 alone looks and decides, and sends the outcome (the folder, or the
+    error) to the others: a slower rank that looked for itself could find rank 0's first file
+    already there and refuse the folder as "already exists".
+    """
+    path = runtime.resolve_path(root) / run_name
+    outcome: list[Any] = [None]
+    if runtime.is_main_process():
+        try:
+            _prepare_run_dir(path, resume, overwrite)
+        except UserError as e:
+            outcome[0] = str(e)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise UserError(outcome[0])
+    return path
 
 
-def _prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
+def _prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (path / "last.pt").is_file():
             raise UserError(f"cannot resume: {path / 'last.pt'} does not exist. Check run_name, "
                             "or start a new run with resume=False.")
-        return path
+        return
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise UserError(f"the run folder {path} already exists. Pass resume=True to continue it, "
                             "overwrite=True to replace it, or choose another run_name.")
-        if runtime.is_main_process():
-            shutil.rmtree(path)
-    if runtime.is_main_process():
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -75,6 +93,62 @@ def write_atomically(path: Path, data: bytes) -> None:
             raise UserError(f"no space left on the disk to write {path}; the previous version, if "
                             "any, is untouched. Free some space and resume the run.") from None
         raise
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` whose tensors are in CPU memory, detached and owned (training may go on
+    changing the originals in place while the copy is written)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class Saver:
+    """Runs save jobs one at a time in a background thread, so that training never waits for a
+    disk or for matplotlib.
+
+    A plain thread rather than an executor: one job at a time, in order, and an error must reach
+    the training loop. `submit` first waits for the job before (so files land in order and at
+    most one snapshot waits in memory); `wait` waits for the last job and raises its error, if it
+    had one (a full disk, say); the process waits for the last job before it exits.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        atexit.register(self._wait_at_exit)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as e:  # kept for `wait`, which raises it in the training loop
+                self._error = e
+        self._thread = threading.Thread(target=run, name="cifarlib-saver", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _wait_at_exit(self) -> None:
+        try:
+            self.wait()
+        except Exception as e:
+            print(f"error: the last save did not complete: {e}", file=sys.stderr)
+
+
+SAVER = Saver()
 
 
 def save(obj: dict[str, Any], path: Path) -> None:

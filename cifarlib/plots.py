@@ -100,9 +100,16 @@ def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
 
 
 def loss_curves(history: list[dict]):
-    """Training and validation loss per epoch, validation accuracy, stage boundaries marked."""
+    """Training and validation loss per epoch, validation accuracy, stage boundaries marked.
+
+    Drawn on a `matplotlib.figure.Figure` without pyplot, whose global state is not
+    thread-safe: the background saver draws this while a notebook draws its live curves.
+    """
+    from matplotlib.figure import Figure
+
     h = pd.DataFrame(history)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig = Figure(figsize=(8, 3.5))
+    ax = fig.subplots()
     if len(h):
         h = h.astype({"epoch": int, "train_loss": float, "val_loss": float, "val_acc": float})
         ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss (augmented, soft targets)")
@@ -120,7 +127,6 @@ def loss_curves(history: list[dict]):
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     fig.tight_layout()
-    plt.close(fig)  # shown by whoever asked for it, not by pyplot's global state
     return fig
 
 

@@ -1,4 +1,4 @@
-"""Where things are and what runs them: the project root, the device, and the torchrun rank.
+"""Where things are and what runs them: the project root, the device, precision, and torchrun.
 
 Path rule: a relative path given to any cifarlib function (`data_dir`, a checkpoint, a run folder)
 is taken relative to the project root (the folder holding `pyproject.toml` and `cifarlib/`), not
@@ -9,12 +9,22 @@ paths, and `~`, are used as given.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
+
+# Collectives wait this long for a slow rank before failing (NCCL's own default is 10 minutes).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# Waiting for rank 0 to download, check and extract data can take far longer on a slow link.
+DATA_TIMEOUT = timedelta(hours=6)
 
 
 def project_root() -> Path:
@@ -40,6 +50,51 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def autocast(device: torch.device):
+    """(context, dtype): bf16 autocast on CUDA GPUs that have it natively (compute capability 8.0
+    and up), fp16 on older ones (training pairs it with a gradient scaler), and no autocast, in
+    fp32, elsewhere. Training, evaluation and prediction all run through this one choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), torch.float32
+    dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA, where convolutions run fastest in it; the default elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.preserve_format
+
+
+def tune_for_fixed_shapes(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its kernels once per shape and keep the fastest: training batches
+    all have one shape, so the search pays for itself after a few steps."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the torchrun process group if there is one; returns (rank, world size).
+
+    The backend follows the device the run will use (NCCL for CUDA, gloo otherwise, so
+    `device=cpu` works on a machine with GPUs too). On CUDA each process takes the GPU of its
+    LOCAL_RANK, set before the group starts.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        kwargs = {}
+        cuda = pick_device(device).type == "cuda"
+        if cuda:
+            local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= count:
+                raise UserError(f"LOCAL_RANK={local}, but this machine has {count} CUDA device(s): start "
+                                f"at most {count} processes per node (torchrun --nproc_per_node={count}).")
+            torch.cuda.set_device(local)
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:
+                kwargs["device_id"] = torch.device("cuda", local)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, **kwargs)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def rank() -> int:
     """This process's rank under torchrun (from the environment before the process group
     starts); 0 when not distributed."""
@@ -52,9 +107,16 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+_DATA_GROUP: list = []
+
+
 def barrier() -> None:
+    """Wait for every rank. It runs on a gloo group of its own with a long timeout, so that rank 0
+    may download and extract data (`main_process_first`) while the others wait."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if not _DATA_GROUP:
+            _DATA_GROUP.append(dist.new_group(backend="gloo", timeout=DATA_TIMEOUT))
+        dist.barrier(group=_DATA_GROUP[0])
 
 
 @contextmanager

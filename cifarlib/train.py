@@ -12,8 +12,20 @@ the head-only stage then costs a forward pass of the backbone, no backward). Ear
 watches the validation loss, with its counter reset at each stage.
 
 On CUDA: bf16 autocast (fp16 with a gradient scaler where bf16 is missing), channels_last,
-fused optimizers, optional torch.compile. Under torchrun: DistributedDataParallel, each rank
-training on its own shard of the device-resident data; only rank 0 writes files.
+fused optimizers, cuDNN autotuning, optional torch.compile. Under torchrun:
+DistributedDataParallel, each rank training on its own shard of the device-resident data; only
+rank 0 writes files.
+
+The host never waits for the GPU inside a training step: augmentation parameters travel in one
+non-blocking copy, and nothing reads a device value back. It waits only at the scheduled checks:
+every `check_every` steps (50 on a GPU, where each wait costs the queue of launched work; every
+step on the CPU, where it costs nothing) and at the end of the epoch, for its loss. Saving is
+done by a background thread (`checkpoints.SAVER`) from a copy in CPU memory.
+
+`compile=True` compiles the model with static shapes: once for the first stage, and once more at
+each stage that changes which layers train. Validation runs the uncompiled model (its last batch
+is smaller). Compiling ResNet-50 costs a minute or two per stage, so it pays only for runs of
+several epochs per stage on a GPU; short runs and CPU runs should leave it off.
 
     python -m cifarlib.train preset=fast epochs=20 backbone=resnet50
     torchrun --nproc_per_node=4 -m cifarlib.train preset=fast
@@ -44,6 +56,9 @@ from .errors import UserError, cli_errors
 from .model import build_model, layer_groups
 from .preprocess import evaluation_inputs, normalization
 
+CHECK_EVERY_GPU = 50  # steps between scheduled checks on a GPU (the only host waits of an epoch)
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
+
 
 @dataclass
 class Run:
@@ -63,28 +78,25 @@ class Run:
     best_val_loss: float = math.inf
     resume_state: dict[str, Any] | None = None
     in_epoch: bool = False        # True while an epoch runs: an interrupt leaves it set
+    saving_seconds: float = 0.0   # time the loop spent handing its files to the saver
 
 
-def setup_distributed() -> tuple[int, int]:
-    """Join the torchrun process group if there is one; returns (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _shard(split: Split, rank: int, world: int, equal: bool = False) -> Split:
+def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) -> Split:
     """Every `world`-th sample from `rank`; `equal` drops the last few so that every rank gets
-    the same number of batches (the training step's collectives must line up)."""
+    the same number of batches (the training step's collectives must line up). A rank left with
+    nothing would fall out of step with the others' collectives, so that is refused."""
+    if len(split) < world:
+        raise UserError(f"the {what} split has {len(split)} image(s) for {world} processes: each needs at "
+                        f"least one. Raise {'max_train_samples' if what == 'training' else 'max_eval_samples'} "
+                        f"to {world} or more, or start fewer processes.")
     n = len(split) // world * world if equal else len(split)
     return split if world == 1 else split.subset(torch.arange(rank, n, world))
 
 
 def prepare(cfg: Config) -> Run:
     """Load data and model, make or reopen the run folder, and restore the state to resume."""
-    rank, world = setup_distributed()
+    rank, world = runtime.setup_distributed(cfg.device)
+    checkpoints.SAVER.wait()  # a save of this process still being written (a notebook's last run)
     saved = None
     if cfg.resume:
         if not cfg.run_name:
@@ -108,11 +120,11 @@ def prepare(cfg: Config) -> Run:
                       max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
                       verify_checksums=cfg.verify_checksums, device=device)
     path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    model.to(device, memory_format=runtime.memory_format(device))
     mean, std = normalization(cfg.backbone)
     aug = BatchAugment(make_policy(cfg.augmentation), cfg.image_size, mean, std, data.num_classes, seed=cfg.seed + rank)
-    run = Run(cfg, path, device, data, _shard(data.train, rank, world, equal=True), _shard(data.val, rank, world),
-              model, layer_groups(model), aug)
+    run = Run(cfg, path, device, data, _shard(data.train, rank, world, "training", equal=True),
+              _shard(data.val, rank, world, "validation"), model, layer_groups(model), aug)
     if saved:
         model.load_state_dict(saved["model"])
         r = saved["resume"]
@@ -162,32 +174,46 @@ def make_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, steps: 
         anneal_strategy=stage.anneal, cycle_momentum=cfg.cycle_momentum and cfg.optimizer == "sgd")
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA GPUs that have it natively (compute capability 8.0 and up), fp16
-    (with a gradient scaler) on older ones; no autocast elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext(), torch.float32
-    dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return torch.autocast("cuda", dtype=dtype), dtype
+def make_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled where autocast runs in fp16 (GPUs without bf16), whose small
+    gradients would otherwise underflow; a disabled one, which does nothing, elsewhere."""
+    return torch.amp.GradScaler(device.type, enabled=runtime.autocast(device)[1] == torch.float16)
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """A run saved on the CPU or a bf16 GPU holds a disabled scaler's `{}`, which an enabled
+    scaler (fp16, on a pre-Ampere GPU) refuses; it then starts afresh, as any new run does."""
+    if state:
+        scaler.load_state_dict(state)
+
+
+def check_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else CHECK_EVERY_GPU
 
 
 def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> float:
-    """One epoch over this rank's shard; returns the mean training loss (soft targets)."""
+    """One epoch over this rank's shard; returns the mean training loss (soft targets).
+
+    With gradient accumulation, DDP all-reduces the gradients only at the last micro-batch of
+    each optimizer step (`no_sync` for the others).
+    """
     cfg, accum = run.cfg, run.cfg.accum_steps
     train_mode(model)
     loader = Batches(run.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
-    total, seen = torch.zeros((), device=run.device), 0
-    bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}", leave=False,
+    total, seen, n = torch.zeros((), device=run.device), 0, len(loader)
+    bar = tqdm(loader.epoch(epoch), total=n, desc=f"epoch {epoch + 1}", leave=False,
                disable=not runtime.is_main_process())
-    autocast, _ = _autocast(run.device)
+    autocast, _ = runtime.autocast(run.device)
+    inner = getattr(model, "_orig_mod", model)  # under torch.compile
+    ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
     for i, (x, y) in enumerate(bar):
         inputs, targets = run.aug(x, y)
-        if run.device.type == "cuda":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            loss = F.cross_entropy(model(inputs).float(), targets)
-        scaler.scale(loss / accum).backward()
-        if (i + 1) % accum == 0 or i + 1 == len(loader):
+        stepping = (i + 1) % accum == 0 or i + 1 == n
+        with contextlib.nullcontext() if stepping or not ddp else inner.no_sync():
+            with autocast:
+                loss = F.cross_entropy(model(inputs).float(), targets)
+            scaler.scale(loss / accum).backward()
+        if stepping:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -211,10 +237,11 @@ def validate(run: Run, model: nn.Module) -> tuple[float, float]:
     model.eval()
     mean, std = run.aug.mean, run.aug.std
     loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
-    autocast, _ = _autocast(run.device)
+    autocast, _ = runtime.autocast(run.device)
+    layout = runtime.memory_format(run.device)
     for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
         with autocast:
-            logits = model(evaluation_inputs(x, run.cfg.image_size, mean, std)).float()
+            logits = model(evaluation_inputs(x, run.cfg.image_size, mean, std).to(memory_format=layout)).float()
         loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -239,70 +266,97 @@ def _rng_states(run: Run) -> list[torch.Tensor]:
     return states
 
 
-def epochs(run: Run) -> Iterator[dict[str, Any]]:
-    """Train from where `run` stands; yields each epoch's history row after saving it."""
+def _save_epoch(run: Run, row: dict[str, Any], improved: bool, resume: dict[str, Any]) -> None:
+    """Copy the epoch's state to CPU memory, then let the background saver write best.pt (if
+    validation improved), last.pt, history.csv and loss_curves.png, in that order."""
     from .plots import loss_curves, save_png  # matplotlib only where curves are drawn
 
+    state = run.model.state_dict()
+    last = checkpoints.snapshot(_checkpoint(run, state, {"metrics": row, "resume": resume}))
+    best = {k: v for k, v in last.items() if k != "resume"} if improved else None
+    history, folder = last["history"], run.dir
+
+    def job() -> None:
+        if best is not None:
+            checkpoints.save(best, folder / "best.pt")
+        checkpoints.save(last, folder / "last.pt")
+        checkpoints.write_history(history, folder / "history.csv")
+        save_png(loss_curves(history), folder / "loss_curves.png")
+    checkpoints.SAVER.submit(job)
+
+
+def _stage_model(run: Run) -> nn.Module:
+    """What a stage trains through: the model, in DDP under torchrun, compiled if asked."""
+    net = run.model
+    if dist.is_initialized():
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.cfg.compile:  # static shapes: training batches all have one size (drop_last)
+        net = torch.compile(net, dynamic=False, backend=COMPILE_BACKEND)
+    return net
+
+
+def epochs(run: Run) -> Iterator[dict[str, Any]]:
+    """Train from where `run` stands; yields each epoch's history row once its files are handed
+    to the background saver. The files are complete when the generator ends (or is closed)."""
     cfg, raw = run.cfg, run.model
     if run.in_epoch:
         raise UserError("this run was interrupted in the middle of an epoch, so its model is no longer "
                         "that of its last saved epoch. Continue it with resume=True (prepare it again), "
                         "which goes on from the last completed epoch.")
-    model = torch.compile(raw) if cfg.compile else raw
+    runtime.tune_for_fixed_shapes(run.device)
     spe = steps_per_epoch(run)
-    for si in range(run.next_stage, len(cfg.stages)):
-        stage = cfg.stages[si]
-        params = apply_stage(raw, run.groups, stage)
-        net = model
-        if dist.is_initialized():
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-        opt = make_optimizer(cfg, params, run.device)
-        sched = make_schedule(cfg, opt, stage, spe * stage.epochs)
-        scaler = torch.amp.GradScaler("cuda", enabled=_autocast(run.device)[1] == torch.float16)
-        stage_best, bad = math.inf, 0
-        r = run.resume_state
-        if r is not None and r["stage"] == si:
-            opt.load_state_dict(r["optimizer"])
-            sched.load_state_dict(r["scheduler"])
-            scaler.load_state_dict(r.get("scaler", {}))
-            stage_best, bad = r["stage_best"], r["bad_epochs"]
-        run.resume_state = None
-        stopped = False
-        for e in range(run.next_epoch, stage.epochs):
-            start, epoch = time.time(), len(run.history)
-            run.in_epoch = True
-            train_loss = train_epoch(run, net, opt, sched, scaler, epoch)
-            val_loss, val_acc = validate(run, net)
-            run.in_epoch = False
-            improved_stage = val_loss < stage_best
-            stage_best, bad = (val_loss, 0) if improved_stage else (stage_best, bad + 1)
-            stopped = bad >= cfg.patience
-            row = {"epoch": epoch + 1, "stage": stage.name, "stage_epoch": e + 1, "train_loss": round(train_loss, 6),
-                   "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
-                   "lr": round(opt.param_groups[-1]["lr"], 8), "seconds": round(time.time() - start, 2)}
-            run.history.append(row)
-            done = stopped or e + 1 == stage.epochs
-            run.next_stage = (len(cfg.stages) if stopped and cfg.stop_ends_run else si + 1) if done else si
-            run.next_epoch = 0 if done else e + 1
-            rng = _rng_states(run)
-            if runtime.is_main_process():
-                state = raw.state_dict()
-                if val_loss < run.best_val_loss:
-                    run.best_val_loss = val_loss
-                    checkpoints.save(_checkpoint(run, state, {"metrics": row}), run.dir / "best.pt")
-                checkpoints.save(_checkpoint(run, state, {"metrics": row, "resume": {
-                    "stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "stage_best": stage_best,
-                    "bad_epochs": bad, "best_val_loss": run.best_val_loss,
-                    "rng": {"augment": rng, "torch": torch.get_rng_state()}}}), run.dir / "last.pt")
-                checkpoints.write_history(run.history, run.dir / "history.csv")
-                save_png(loss_curves(run.history), run.dir / "loss_curves.png")
-            yield row
-            if stopped:
+    try:
+        for si in range(run.next_stage, len(cfg.stages)):
+            stage = cfg.stages[si]
+            params = apply_stage(raw, run.groups, stage)
+            net = _stage_model(run)
+            opt = make_optimizer(cfg, params, run.device)
+            sched = make_schedule(cfg, opt, stage, spe * stage.epochs)
+            scaler = make_scaler(run.device)
+            stage_best, bad = math.inf, 0
+            r = run.resume_state
+            if r is not None and r["stage"] == si:
+                opt.load_state_dict(r["optimizer"])
+                sched.load_state_dict(r["scheduler"])
+                load_scaler_state(scaler, r.get("scaler", {}))
+                stage_best, bad = r["stage_best"], r["bad_epochs"]
+            run.resume_state = None
+            stopped = False
+            for e in range(run.next_epoch, stage.epochs):
+                start, epoch = time.time(), len(run.history)
+                run.in_epoch = True
+                train_loss = train_epoch(run, net, opt, sched, scaler, epoch)
+                val_loss, val_acc = validate(run, raw)  # uncompiled: no recompile for eval mode or its last batch
+                run.in_epoch = False
+                improved_stage = val_loss < stage_best
+                stage_best, bad = (val_loss, 0) if improved_stage else (stage_best, bad + 1)
+                stopped = bad >= cfg.patience
+                row = {"epoch": epoch + 1, "stage": stage.name, "stage_epoch": e + 1, "train_loss": round(train_loss, 6),
+                       "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
+                       "lr": round(opt.param_groups[-1]["lr"], 8), "seconds": round(time.time() - start, 2)}
+                run.history.append(row)
+                done = stopped or e + 1 == stage.epochs
+                run.next_stage = (len(cfg.stages) if stopped and cfg.stop_ends_run else si + 1) if done else si
+                run.next_epoch = 0 if done else e + 1
+                rng = _rng_states(run)
+                if runtime.is_main_process():
+                    improved = val_loss < run.best_val_loss
+                    run.best_val_loss = min(run.best_val_loss, val_loss)
+                    t0 = time.perf_counter()
+                    _save_epoch(run, row, improved, {
+                        "stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                        "stage_best": stage_best, "bad_epochs": bad, "best_val_loss": run.best_val_loss,
+                        "rng": {"augment": rng, "torch": torch.get_rng_state()}})
+                    run.saving_seconds += time.perf_counter() - t0
+                yield row
+                if stopped:
+                    break
+            run.next_epoch = 0
+            if stopped and cfg.stop_ends_run:
                 break
-        run.next_epoch = 0
-        if stopped and cfg.stop_ends_run:
-            break
+    finally:
+        checkpoints.SAVER.wait()
 
 
 def _usage() -> str:

@@ -1,12 +1,12 @@
 """User errors reach the user as one message: in a notebook and on the command line."""
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from cifarlib.errors import UserError, cli_errors, show_errors_briefly
 
 
 def test_notebook_shows_a_user_error_as_its_message_alone(capsys):
+    InteractiveShell = pytest.importorskip("IPython.core.interactiveshell", reason="needs IPython").InteractiveShell
     shell = InteractiveShell.instance()
     try:
         show_errors_briefly()

@@ -4,9 +4,10 @@ import json
 import re
 from pathlib import Path
 
-import nbformat
-import papermill as pm
 import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat and papermill")
+pm = pytest.importorskip("papermill", reason="the notebook tests need nbformat and papermill")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
 assert len(NOTEBOOKS) == 5, NOTEBOOKS

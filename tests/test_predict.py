@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from cifarlib import checkpoints, preprocess
-from cifarlib.app import UploadApp
 from cifarlib.errors import UserError
 from cifarlib.predict import Predictor
 from cifarlib.synthetic import make_images
@@ -114,9 +113,16 @@ def upload(*files):
                   "last_modified": datetime(2026, 11, 28, tzinfo=timezone.utc)} for name, data in files)
 
 
+def upload_app():
+    """The widget's class; its tests skip where ipywidgets is not installed (a bare GPU machine)."""
+    pytest.importorskip("ipywidgets", reason="the upload widget needs ipywidgets")
+    from cifarlib.app import UploadApp
+    return UploadApp
+
+
 def test_widget_shows_predictions_and_a_message_per_bad_file(predictor, picture):
     import ipywidgets as widgets
-    app = UploadApp(predictor, top_k=5)
+    app = upload_app()(predictor, top_k=5)
     app.upload.value = upload(("cat.png", png_bytes(picture)), ("broken.png", b"\x89PNG broken"), ("empty.webp", b""))
     good, broken, empty = app.results.children
     assert isinstance(good, widgets.HBox)
@@ -138,7 +144,7 @@ def test_pil_syntax_errors_for_broken_pngs_are_clear_errors(predictor, picture, 
 
 
 def test_widget_survives_unexpected_errors_and_always_clears_the_upload(predictor, picture, monkeypatch):
-    app = UploadApp(predictor)
+    app = upload_app()(predictor)
     monkeypatch.setattr(predictor, "predict", lambda *a, **k: 1 / 0)
     app.upload.value = upload(("odd.png", png_bytes(picture)))
     (msg,) = app.results.children

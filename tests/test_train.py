@@ -14,8 +14,9 @@ from cifarlib import checkpoints, model as model_lib, train
 from cifarlib.config import make_config, parse_value, scale_epochs
 from cifarlib.errors import UserError
 
+# device="cpu": these tests mean the CPU (exact resumes, gloo) even on a machine with a GPU
 TINY = dict(dataset="synthetic", weights="none", backbone="resnet18", image_size=32, batch_size=32,
-            max_train_samples=400, max_eval_samples=100)
+            max_train_samples=400, max_eval_samples=100, device="cpu")
 
 
 def tiny_cfg(tmp_path, **kw):

@@ -1,0 +1,182 @@
+"""The GPU path, checked on the CPU: no host waits inside a training step, the process group's
+setup, DDP's details, the gradient scaler and the background saver. `benchmarks/gpu_check.sh`
+measures the same things on a real GPU (its --smoke mode runs in test_benchmarks.py)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cifarlib import checkpoints, runtime, train
+from cifarlib.augment import BatchAugment, make_policy
+from cifarlib.config import Stage, make_config
+from cifarlib.data import Split
+from cifarlib.errors import UserError
+from cifarlib.model import GROUPS, build_model, layer_groups
+
+
+def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
+    """On the meta device tensors have no values, so any host read of one inside the loop (an
+    `.item()`, a tensor in an `if`, a small copy back) raises. Only the epoch's end reads one."""
+    dev = torch.device("meta")
+    cfg = make_config("cpu", weights="none", backbone="resnet18", image_size=32, batch_size=8, accum_steps=2)
+    net = build_model("resnet18", 10, "none").to(dev)
+    groups = layer_groups(net)
+    stage = Stage("all", 1, GROUPS, (1e-3,) * 6)
+    opt = train.make_optimizer(cfg, train.apply_stage(net, groups, stage), dev)
+    sched = train.make_schedule(cfg, opt, stage, 4)
+    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8, device=dev), torch.zeros(64, dtype=torch.long, device=dev))
+    run = train.Run(cfg, Path("."), dev, None, split, split, net, groups,
+                    BatchAugment(make_policy("original"), 32, (0.5,) * 3, (0.5,) * 3, 10))
+    monkeypatch.setattr(train, "_all_sum", lambda total, count: 0.0)  # the epoch-end read
+    steps = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    train.train_epoch(run, net, opt, sched, train.make_scaler(torch.device("cpu")), epoch=0)
+    assert len(steps) == 4  # 8 batches, 2 per optimizer step: the loop ran
+
+
+@pytest.fixture
+def fake_group(monkeypatch):
+    """torchrun's environment for rank 1 of 2, with init_process_group recorded instead of run."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+
+    def init_process_group(backend, timeout=None, device_id=None):  # the signature of torch >= 2.3
+        calls.append(("init", backend, {"timeout": timeout, "device_id": device_id}))
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return calls
+
+
+def test_the_process_group_follows_the_device(fake_group, monkeypatch):
+    runtime.setup_distributed("cpu")  # gloo, even with CUDA present
+    assert fake_group == [("init", "gloo", {"timeout": runtime.COLLECTIVE_TIMEOUT, "device_id": None})]
+    fake_group.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    runtime.setup_distributed("auto")
+    (_, index), (_, backend, kw) = fake_group  # the GPU is set before the group starts
+    assert index == 1 and backend == "nccl" and kw["device_id"] == torch.device("cuda", 1)
+
+
+def test_a_local_rank_without_its_gpu_is_a_clear_error(fake_group, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"LOCAL_RANK=1, but this machine has 1 CUDA device.*--nproc_per_node=1"):
+        runtime.setup_distributed("cuda")
+    assert fake_group == []
+
+
+def test_an_empty_scaler_state_loads_into_an_enabled_scaler(monkeypatch):
+    """Resuming on an fp16 GPU a run saved on the CPU or a bf16 GPU (a disabled scaler's `{}`)."""
+    monkeypatch.setattr(runtime, "autocast", lambda device: (None, torch.float16))  # a pre-Ampere GPU
+    scaler = train.make_scaler(torch.device("cpu"))
+    assert scaler.is_enabled()
+    train.load_scaler_state(scaler, {})
+    saved = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10).state_dict()
+    train.load_scaler_state(scaler, saved)
+    assert scaler.state_dict()["scale"] == 2.0 ** 10
+
+
+def test_cudnn_picks_its_kernels_once_for_fixed_shapes(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    runtime.tune_for_fixed_shapes(torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark
+    runtime.tune_for_fixed_shapes(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark
+
+
+def test_the_saver_writes_in_order_and_reports_errors_once():
+    saver, log = checkpoints.Saver(), []
+
+    def job(name, delay):
+        return lambda: (time.sleep(delay), log.append(name))
+    saver.submit(job("first", 0.3))
+    saver.submit(job("second", 0))  # waits for the first
+    assert log == ["first"]
+    saver.wait()
+    assert log == ["first", "second"]
+    saver.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        saver.wait()
+    saver.wait()  # reported once
+
+
+def test_a_process_waits_for_its_last_save_before_exiting(tmp_path):
+    script = ("import time\nfrom cifarlib import checkpoints\n"
+              f"checkpoints.SAVER.submit(lambda: (time.sleep(1), open({str(tmp_path / 'saved')!r}, 'w').write('done')))\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert (tmp_path / "saved").read_text() == "done"
+
+
+def _worker(rank: int, world: int, root: str) -> None:
+    """Rank 1 is slow to reach its run folder; the run accumulates gradients over 4 micro-batches;
+    then a run with fewer validation images than ranks is refused."""
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    out: dict = {}
+    if rank == 1:
+        real = checkpoints.runtime.resolve_path
+        checkpoints.runtime.resolve_path = lambda p: (time.sleep(1.5), real(p))[1]
+    tiny = dict(dataset="synthetic", weights="none", backbone="resnet18", image_size=32, batch_size=8, device="cpu",
+                data_dir=f"{root}/data", checkpoint_dir=f"{root}/ckpt", max_train_samples=128, max_eval_samples=16)
+    try:
+        run = train.prepare(make_config("cpu", run_name="race", accum_steps=4, **tiny))
+        out["folder"] = str(run.dir)
+    except UserError as e:
+        out["folder_error"] = str(e)
+    if rank == 1:
+        checkpoints.runtime.resolve_path = real
+    both = torch.tensor(float("folder" in out))
+    dist.all_reduce(both, op=dist.ReduceOp.MIN)  # train only if both ranks got the folder
+    if both.item():
+        calls = []
+
+        class CountingDDP(torch.nn.parallel.DistributedDataParallel):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                def hook(state, bucket):
+                    calls.append(bucket.index())
+                    return default_hooks.allreduce_hook(state, bucket)
+                self.register_comm_hook(None, hook)
+        train.nn.parallel.DistributedDataParallel = CountingDDP
+        steps = len(train.Batches(run.train, 8, drop_last=True))
+        next(train.epochs(run))
+        out["micro_batches"], out["all_reduces"] = steps, calls.count(0)
+    try:
+        train.prepare(make_config("cpu", run_name="few", **{**tiny, "max_eval_samples": 1}))
+    except UserError as e:
+        out["few_error"] = str(e)
+    Path(f"{root}/rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, str(root)), nprocs=2, join=True)
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_a_slow_rank_agrees_with_rank_zero_on_the_run_folder(two_ranks):
+    assert "folder_error" not in two_ranks[1], two_ranks[1]
+    assert two_ranks[0]["folder"] == two_ranks[1]["folder"]
+
+
+def test_accumulated_micro_batches_are_all_reduced_once_per_optimizer_step(two_ranks):
+    for r in two_ranks:
+        assert (r["micro_batches"], r["all_reduces"]) == (8, 2)
+
+
+def test_a_rank_without_validation_images_is_refused_not_left_to_hang(two_ranks):
+    for r in two_ranks:
+        assert "validation split has 1 image(s) for 2 processes" in r["few_error"] and "max_eval_samples" in r["few_error"]
