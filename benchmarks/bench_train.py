@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_augment, beside this file
 from bench_augment import PilDataset, original_transform  # noqa: E402
 
-from cifarlib import train  # noqa: E402
+from cifarlib import runtime, train  # noqa: E402
 from cifarlib.augment import BatchAugment, make_policy  # noqa: E402
 from cifarlib.config import Stage, make_config  # noqa: E402
 from cifarlib.data import Split  # noqa: E402
@@ -53,16 +53,17 @@ def sync(device):
 
 
 def peak_memory_mb(device) -> float:
-    """CUDA: peak allocated since the last reset (every loop's model is resident); CPU: the
-    process's peak resident set so far."""
+    """CUDA: peak allocated since the reset before the loop's warm-up; CPU: the process's peak
+    resident set so far."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # process peak so far
 
 
 def reset_peak(device):
+    """Once per loop, before its warm-up. (Emptying the cache before each timed window would make
+    every window start by allocating its activations and workspaces again, on the clock.)"""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -81,16 +82,18 @@ def ours(a, images, labels, device, head_only: bool):
     groups = layer_groups(model)
     stage = Stage("bench", 1, ("head",), (0.01,)) if head_only else Stage("bench", 1, GROUPS, (1e-3,) * 6)
     params = train.apply_stage(model, groups, stage)
-    net = torch.compile(model) if a.compile else model
+    net = torch.compile(model, dynamic=False, backend=a.compile_backend) if a.compile else model
     opt = train.make_optimizer(cfg, params, device)
     sched = train.make_schedule(cfg, opt, stage, (a.warmup + a.windows) * a.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    scaler = train.make_scaler(device)  # enabled for fp16 autocast (GPUs without bf16)
     n = a.steps * a.batch_size
     split = Split(images[:n], labels[:n]).to(device)
     mean, std = normalization(a.backbone)
     aug = BatchAugment(make_policy("original"), a.image_size, mean, std, 100, seed=0)
     run = train.Run(cfg, Path("."), device, None, split, split, model, groups, aug)
-    yield {"batch_size": a.batch_size, "compile": a.compile, "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, gradient scaler"}.get(
+        runtime.autocast(device)[1], "fp32")
+    yield {"batch_size": a.batch_size, "compile": a.compile_backend if a.compile else False, "precision": precision}
     for w in range(a.warmup + a.windows):
         sync(device)
         t0 = time.perf_counter()
@@ -152,7 +155,10 @@ def main():
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch-size", type=int, default=None, help="ours (default: 32 on CPU, 256 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick check of the path)")
     p.add_argument("--workers", default=f"4,{len(os.sched_getaffinity(0))}", help="DataLoader workers of the original loop")
+    p.add_argument("--no-head-only", action="store_true", help="time full fine-tuning only")
+    p.add_argument("--only-ours", action="store_true", help="skip the original loop")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -162,11 +168,12 @@ def main():
     images = make_images(labels, seed=0)
     torch.manual_seed(0)
 
-    makers = {("ours", "full"): lambda: ours(a, images, labels, device, head_only=False),
-              ("ours", "head_only"): lambda: ours(a, images, labels, device, head_only=True)}
-    for i, w in enumerate(dict.fromkeys(int(x) for x in a.workers.split(","))):
+    makers = {("ours", "full"): lambda: ours(a, images, labels, device, head_only=False)}
+    if not a.no_head_only:
+        makers[("ours", "head_only")] = lambda: ours(a, images, labels, device, head_only=True)
+    for i, w in enumerate(dict.fromkeys(int(x) for x in a.workers.split(",")) if not a.only_ours else ()):
         makers[(f"original.workers_{w}", "full")] = lambda w=w: original(a, images, labels, device, w, head_only=False)
-        if i == 0:
+        if i == 0 and not a.no_head_only:
             makers[(f"original.workers_{w}", "head_only")] = lambda w=w: original(a, images, labels, device, w, head_only=True)
     # Each loop runs its windows in one block (so no loop's DataLoader workers take CPU from
     # another's windows), and the blocks run in order, then, with --passes 2, in reverse order,
@@ -177,12 +184,12 @@ def main():
         for key in order:
             gen = makers[key]()
             info[key] = next(gen)
+            reset_peak(device)
             for _ in range(a.warmup):
                 next(gen)
             for _ in range(a.windows):
-                reset_peak(device)
                 rates[key].append(next(gen))
-                peaks[key] = max(peaks[key], peak_memory_mb(device))
+            peaks[key] = max(peaks[key], peak_memory_mb(device))
             gen.close()  # frees the model; a DataLoader's workers stop
     result = {"ours": {}, "original": {}}
     for (who, stage), r in rates.items():
@@ -192,14 +199,15 @@ def main():
             result["ours"][stage] = entry
         else:
             result["original"].setdefault(who.split(".")[1], {})[stage] = entry
-    first = next(iter(result["original"].values()))
+    first = next(iter(result["original"].values()), None)
+    ratio = lambda stage: round(result["ours"][stage]["images_per_s"] / first[stage]["images_per_s"], 2) \
+        if first and stage in first and stage in result["ours"] else None  # noqa: E731
     out = {
         "benchmark": "training images/s, one stage, synthetic 32 px images upsampled to image_size",
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_cores": os.cpu_count(), "torch": torch.__version__, "backbone": a.backbone,
         "image_size": a.image_size, "steps_per_window": a.steps, **result,
-        "ratio": round(result["ours"]["full"]["images_per_s"] / first["full"]["images_per_s"], 2),
-        "ratio_head_only": round(result["ours"]["head_only"]["images_per_s"] / first["head_only"]["images_per_s"], 2),
+        "ratio": ratio("full"), "ratio_head_only": ratio("head_only"),
     }
     text = json.dumps(out, indent=2)
     if a.out:

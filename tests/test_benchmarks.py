@@ -14,9 +14,18 @@ def test_gpu_check_smoke_mode_runs_on_cpu_and_writes_its_results(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["augment_gpu.json", "gpu_check.log", "gpu_env.txt", "train_gpu.json"]
-    train = json.loads((tmp_path / "train_gpu.json").read_text())
-    assert {"ours", "original", "ratio", "ratio_head_only"} <= set(train)
-    assert set(train["ours"]) == {"full", "head_only"} and "workers_4" in train["original"]
-    assert json.loads((tmp_path / "augment_gpu.json").read_text())["ratio"] > 0
-    assert "full fine-tuning: ours" in r.stdout
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"gpu_env.txt", "gpu_check.log", "gpu_probe.json", "gpu_summary.json", "train_gpu_32.json", "train_gpu_48.json"} <= names
+    assert names <= {"train_gpu_32_compiled.json"} | {"gpu_env.txt", "gpu_check.log", "gpu_probe.json", "gpu_summary.json",
+                                                      "train_gpu_32.json", "train_gpu_48.json"}
+    probe = json.loads((tmp_path / "gpu_probe.json").read_text())
+    assert probe["syncs_per_step"] is None and "needs CUDA" in probe["reason"]  # the same keys as on a GPU
+    assert probe["recompiles"] <= 1 and probe["recompiles_within_a_stage"] == 0  # one graph per stage
+    assert 0 < probe["save_share"] < 1
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert all(s.endswith(": ok") or "skipped" in s for s in summary["steps"]), summary["steps"]
+    assert summary["compile_used"] == ("eager" if "train_gpu_32_compiled.json" in names else False)
+    train = json.loads((tmp_path / "train_gpu_32.json").read_text())
+    assert set(train["ours"]) == {"full"} and "workers_2" in train["original"] and train["ratio"] > 0
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "compile used:" in log and "done in" in log  # flushed to its end before the script exits
