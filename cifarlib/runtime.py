@@ -5,6 +5,9 @@ is taken relative to the project root (the folder holding `pyproject.toml` and `
 to the current directory. So `data/` means the top-level `data/` whether a notebook runs in
 JupyterLab (whose working directory is `notebooks/`) or under papermill from the root. Absolute
 paths, and `~`, are used as given.
+
+torch is imported inside the functions that need it, so that tools that only need paths (such
+as `python -m cifarlib.runs`) start without loading it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 def project_root() -> Path:
@@ -31,6 +35,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     """`"auto"`/None: the GPU when there is one (CUDA, then Apple MPS), else the CPU."""
+    import torch
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -43,6 +48,7 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
 def rank() -> int:
     """This process's rank under torchrun (from the environment before the process group
     starts); 0 when not distributed."""
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
@@ -53,6 +59,7 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
