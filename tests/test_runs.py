@@ -1,4 +1,4 @@
-"""The runs table (cifarlib.runs) and its CLI, over run folders the tests write."""
+"""The runs table (cifarlib.runs), its CLI and notebook 06, over run folders the tests write."""
 
 import csv
 import json
@@ -8,12 +8,15 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+import nbformat
+import papermill as pm
 import pytest
 
 from cifarlib import runs
 from cifarlib.config import make_config, to_dict
 from cifarlib.model import GROUPS
 
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_compare_runs.ipynb"
 STARTED = datetime(2026, 1, 2, 3, 4, 5)
 
 
@@ -189,3 +192,16 @@ def test_reads_a_run_the_suite_trained(trained_checkpoint, tmp_path):
     assert row["best_val_loss"] == min(r["val_loss"] for r in history)
     assert row["wall_s"] == pytest.approx(sum(r["seconds"] for r in history))
 
+
+def test_notebook_compares_tiny_runs(zoo, tmp_path):
+    out = tmp_path / "compare"
+    nb_out = tmp_path / "06.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(nb_out), kernel_name="python3", progress_bar=False,
+                        parameters={"checkpoint_dir": str(zoo), "runs": "*ed", "metric": "val_loss", "out_dir": str(out)})
+    outputs = [o for c in nbformat.read(nb_out, as_version=4).cells for o in c.get("outputs", [])]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "font-weight: bold" in html and "damaged" in html and "weights-only" not in html
+    assert "no curves (no finished epoch, or an unreadable history) for: damaged, just-started" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "runs.csv", "test_metrics.png"]
