@@ -51,7 +51,11 @@ class Fault(Exception):
 
 
 def is_run(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+    """A folder holding any of RUN_FILES; a folder that cannot be looked into is not a run."""
+    try:
+        return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+    except OSError:
+        return False
 
 
 def _read_json(path: Path) -> Any:
@@ -176,7 +180,10 @@ def _config(folder: Path, row: dict[str, Any]) -> dict[str, Any]:
         raise Fault("config.json is missing")
     if not isinstance(cfg, dict):
         raise Fault("config.json is not a JSON object")
-    row["started"] = datetime.fromtimestamp((folder / "config.json").stat().st_mtime).replace(microsecond=0)
+    try:
+        row["started"] = datetime.fromtimestamp((folder / "config.json").stat().st_mtime).replace(microsecond=0)
+    except OSError:  # replaced or removed since it was read: leave it empty
+        pass
     _from_config(row, cfg)
     return cfg
 

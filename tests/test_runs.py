@@ -178,6 +178,13 @@ def test_cli_errors_and_empty_folders(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("no runs under")
 
 
+def test_cli_default_folder_follows_the_path_rule(zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runs.runtime, "project_root", lambda: tmp_path)  # checkpoints/ is <root>/checkpoints
+    (tmp_path / "checkpoints").symlink_to(zoo)
+    runs.main([])
+    assert capsys.readouterr().out.splitlines()[1].split()[0] == "stopped"
+
+
 def test_reads_a_run_the_suite_trained(trained_checkpoint, tmp_path):
     """The table's reading of what the training loop really writes (copied without metrics.json,
     which other tests may add)."""
