@@ -238,7 +238,7 @@ def sort(df: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
     if metric not in SORT:
         raise UserError(f"metric must be {' or '.join(map(repr, SORT))}, not {metric!r}.")
     column, ascending = SORT[metric]
-    return df.sort_values([column, "run"], ascending=[ascending, True], na_position="last", kind="stable").reset_index(drop=True)
+    return df.sort_values([column, "run"], ascending=[ascending, True], na_position="last").reset_index(drop=True)
 
 
 def table(checkpoint_dir: str = "checkpoints") -> pd.DataFrame:
@@ -321,8 +321,11 @@ def write_csv(df: pd.DataFrame, path: str) -> Path:
     from .checkpoints import write_atomically  # imports torch: only when a CSV is asked for
 
     out = runtime.resolve_path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, df.to_csv(index=False, date_format="%Y-%m-%d %H:%M:%S").encode())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, df.to_csv(index=False, date_format="%Y-%m-%d %H:%M:%S").encode())
+    except OSError as e:  # a full disk is already a UserError from write_atomically
+        raise UserError(f"cannot write the table to {out} ({type(e).__name__}: {e}).") from None
     return out
 
 

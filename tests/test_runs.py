@@ -176,6 +176,10 @@ def test_cli_errors_and_empty_folders(tmp_path, capsys):
     assert e.value.code == 2 and "is not a folder" in capsys.readouterr().err
     runs.main(["--checkpoint-dir", str(tmp_path)])
     assert capsys.readouterr().out.startswith("no runs under")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        runs.main(["--checkpoint-dir", str(tmp_path), "--csv", str(tmp_path / "a-file" / "runs.csv")])
+    assert e.value.code == 2 and "cannot write the table to" in capsys.readouterr().err
 
 
 def test_cli_default_folder_follows_the_path_rule(zoo, tmp_path, monkeypatch, capsys):
