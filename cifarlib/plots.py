@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns
 import torch
@@ -245,7 +244,7 @@ def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_acc", 
     axes[1].set_ylabel("training loss (augmented, soft targets)")
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     if histories:
         axes[0].legend(fontsize=7, loc="best")
     else:
