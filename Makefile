@@ -20,6 +20,11 @@ DEMO_03 := -p dataset synthetic -p preset cpu -p backbone resnet18 -p weights no
 	-p epochs 3 -p run_name demo -p overwrite True -p device cpu
 DEMO_04 := -p checkpoint checkpoints/demo/best.pt -p device cpu
 DEMO_05 := -p checkpoint checkpoints/demo/best.pt -p demo_image notebooks/demo_image.png
+# After notebook 03, a second run with the CLI (same settings, another seed) gives notebook 06 two
+# runs to compare. The recipe runs with globbing off (set -f), so demo* reaches papermill as is.
+DEMO_B := dataset=synthetic preset=cpu backbone=resnet18 weights=none image_size=32 epochs=3 \
+	run_name=demo-b seed=1 overwrite=True device=cpu
+DEMO_06 := -p runs demo* -p out_dir $(DEMO_OUT)/compare
 
 .PHONY: venv test demo train clean
 
@@ -38,11 +43,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	@mkdir -p $(DEMO_OUT)
 	@test -n "$(NOTEBOOKS)" || echo "no notebooks in notebooks/ yet: nothing to run"
-	@set -e; for nb in $(NOTEBOOKS); do \
+	@set -ef; for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
 		case "$$(basename $$nb)" in 01*) p='$(DEMO_01)';; 02*) p='$(DEMO_02)';; 03*) p='$(DEMO_03)';; \
-			04*) p='$(DEMO_04)';; 05*) p='$(DEMO_05)';; *) p='';; esac; \
+			04*) p='$(DEMO_04)';; 05*) p='$(DEMO_05)';; 06*) p='$(DEMO_06)';; *) p='';; esac; \
 		$(BIN)/papermill --no-progress-bar -k python3 "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $$p; \
+		case "$$(basename $$nb)" in 03*) echo "== second run, demo-b (python -m cifarlib.train)"; \
+			$(BIN)/python -m cifarlib.train $(DEMO_B);; esac; \
 	done
 	@echo "executed notebooks are in $(DEMO_OUT)/"
 

@@ -224,3 +224,56 @@ def confident_mistakes(images: torch.Tensor, probs: torch.Tensor, labels: torch.
     fig = image_grid(rows, titles=titles, size=1.5)
     plt.close(fig)
     return fig
+
+
+def run_colours(names) -> dict[str, tuple]:
+    """One colour per run, the same in every comparison figure."""
+    names = list(names)
+    palette = sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))
+    return dict(zip(names, palette))
+
+
+def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_acc", colours: dict | None = None):
+    """Runs side by side: the validation `metric` per epoch (left) and the training loss (right),
+    one colour per run; dotted lines in a run's colour mark where its stages begin (nudged apart
+    so that runs with the same stages all show)."""
+    colours = colours or run_colours(histories)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    for k, (name, h) in enumerate(histories.items()):
+        nudge = (k - (len(histories) - 1) / 2) * min(0.05, 0.5 / len(histories))
+        starts = h["epoch"][h["stage"] != h["stage"].shift()].iloc[1:] if "stage" in h else []
+        for ax, column in zip(axes, (metric, "train_loss")):
+            ax.plot(h["epoch"], h[column], "o-", ms=3, color=colours[name], label=name)
+            for epoch in starts:
+                ax.axvline(epoch - 0.5 + nudge, color=colours[name], ls=":", lw=1.2)
+    axes[0].set_ylabel({"val_acc": "validation accuracy", "val_loss": "validation loss"}.get(metric, metric))
+    axes[1].set_ylabel("training loss (augmented, soft targets)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    if histories:
+        axes[0].legend(fontsize=7, loc="best")
+    else:
+        axes[0].text(0.5, 0.5, "no run has a finished epoch yet", ha="center", transform=axes[0].transAxes)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def metric_bars(table: pd.DataFrame, colours: dict | None = None):
+    """Test top-1, top-5 and ECE of each run in `table` (rows holding test metrics), grouped by metric."""
+    names = {"test_top1": "top-1 accuracy", "test_top5": "top-5 accuracy", "ece": "ECE (lower is better)"}
+    long = table.melt(id_vars="run", value_vars=list(names), var_name="metric", value_name="value")
+    long["metric"] = long["metric"].map(names)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 + 0.45 * len(long)), 3.5))
+    sns.barplot(data=long, x="metric", y="value", hue="run", palette=colours or run_colours(table["run"]),
+                errorbar=None, saturation=1, ax=ax)
+    for bars in ax.containers:
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xlabel("")
+    ax.set_ylabel("on the test split")
+    ax.set_ylim(0, 1.08)
+    ax.legend(fontsize=7, title=None)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -5,6 +5,9 @@ is taken relative to the project root (the folder holding `pyproject.toml` and `
 to the current directory. So `data/` means the top-level `data/` whether a notebook runs in
 JupyterLab (whose working directory is `notebooks/`) or under papermill from the root. Absolute
 paths, and `~`, are used as given.
+
+torch is imported inside the functions that need it, so that tools that only need paths (such
+as `python -m cifarlib.runs`) start without loading it.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import os
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # Collectives wait this long for a slow rank before failing (NCCL's own default is 10 minutes).
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -41,6 +45,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     """`"auto"`/None: the GPU when there is one (CUDA, then Apple MPS), else the CPU."""
+    import torch
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -54,6 +59,7 @@ def autocast(device: torch.device):
     """(context, dtype): bf16 autocast on CUDA GPUs that have it natively (compute capability 8.0
     and up), fp16 on older ones (training pairs it with a gradient scaler), and no autocast, in
     fp32, elsewhere. Training, evaluation and prediction all run through this one choice."""
+    import torch
     if device.type != "cuda":
         return contextlib.nullcontext(), torch.float32
     dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -62,12 +68,14 @@ def autocast(device: torch.device):
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA, where convolutions run fastest in it; the default elsewhere."""
+    import torch
     return torch.channels_last if device.type == "cuda" else torch.preserve_format
 
 
 def tune_for_fixed_shapes(device: torch.device) -> None:
     """On CUDA, let cuDNN time its kernels once per shape and keep the fastest: training batches
     all have one shape, so the search pays for itself after a few steps."""
+    import torch
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -79,6 +87,8 @@ def setup_distributed(device: str = "auto") -> tuple[int, int]:
     `device=cpu` works on a machine with GPUs too). On CUDA each process takes the GPU of its
     LOCAL_RANK, set before the group starts.
     """
+    import torch
+    import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         kwargs = {}
@@ -98,6 +108,7 @@ def setup_distributed(device: str = "auto") -> tuple[int, int]:
 def rank() -> int:
     """This process's rank under torchrun (from the environment before the process group
     starts); 0 when not distributed."""
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
@@ -113,6 +124,7 @@ _DATA_GROUP: list = []
 def barrier() -> None:
     """Wait for every rank. It runs on a gloo group of its own with a long timeout, so that rank 0
     may download and extract data (`main_process_first`) while the others wait."""
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         if not _DATA_GROUP:
             _DATA_GROUP.append(dist.new_group(backend="gloo", timeout=DATA_TIMEOUT))

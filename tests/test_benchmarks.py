@@ -29,3 +29,12 @@ def test_gpu_check_smoke_mode_runs_on_cpu_and_writes_its_results(tmp_path):
     assert set(train["ours"]) == {"full"} and "workers_2" in train["original"] and train["ratio"] > 0
     log = (tmp_path / "gpu_check.log").read_text()
     assert "compile used:" in log and "done in" in log  # flushed to its end before the script exits
+
+
+def test_runs_table_benchmark_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "benchmarks/bench_runs.py", "--runs", "3", "--repeats", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["runs"] == 3 and result["epochs"] == 100 + 16 + 3 and len(result["cli_s"]["all"]) == 1

@@ -10,7 +10,7 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbfor
 pm = pytest.importorskip("papermill", reason="the notebook tests need nbformat and papermill")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
-assert len(NOTEBOOKS) == 5, NOTEBOOKS
+assert len(NOTEBOOKS) == 6, NOTEBOOKS
 TINY = {"01_explore_data": {"per_class": 1, "similar_pairs": 2},
         "02_augmentation_preview": {"image_size": 48, "draws": 3},
         "03_train": {"preset": "cpu", "backbone": "resnet18", "weights": "none", "image_size": 32, "epochs": 3,
