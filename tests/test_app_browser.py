@@ -50,13 +50,18 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
+MISSING = [what for what, ok in (("/usr/bin/chromium (Debian/Ubuntu: apt-get install chromium)", os.path.exists(CHROMIUM)),
+                                 ("playwright (pip install -r requirements-dev.txt)", importlib.util.find_spec("playwright")))
+           if not ok]
+NEEDS = "the browser tests need " + " and ".join(MISSING)
+# a mark, so that a skip costs nothing (no server, no training); in CI the browser fixture fails instead
+pytestmark = pytest.mark.skipif(bool(MISSING) and not in_ci(), reason=NEEDS)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    missing = [what for what, ok in (("/usr/bin/chromium (Debian/Ubuntu: apt-get install chromium)", os.path.exists(CHROMIUM)),
-                                     ("playwright (pip install -r requirements-dev.txt)", importlib.util.find_spec("playwright")))
-               if not ok]
-    if missing:
-        (pytest.fail if in_ci() else pytest.skip)("the browser tests need " + " and ".join(missing))
+    if MISSING:
+        pytest.fail(NEEDS)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
