@@ -9,7 +9,7 @@ Voilà serves that copy at http://HOST:PORT/: visitors see the notebook's text, 
 widgets, never its code, tracebacks or parameters, and cannot change them.
 
 `FileUpload` sends a whole selection in one websocket message, which tornado cuts at 10 MiB by
-default; the server raises that to `MAX_MESSAGE` (100 MiB), so a selection larger than that
+default; the server raises that to `MAX_MESSAGE` (100 MB), so a selection larger than that
 cannot reach the app.
 """
 
@@ -25,7 +25,7 @@ from .errors import UserError, cli_errors
 
 NOTEBOOK = "notebooks/05_inference_widget.ipynb"
 PREPARED = "runs/app/05_inference_widget.ipynb"
-MAX_MESSAGE = 100 * 2**20  # bytes; tornado's default is 10 MiB
+MAX_MESSAGE = 100_000_000  # bytes; tornado's default is 10 MiB
 REMEDY = ("`make demo` writes a small one in about a minute (checkpoints/demo/best.pt), and a training run "
           "(make train, or notebook 03) a real one; or pass CHECKPOINT=path/to/best.pt.")
 
