@@ -148,7 +148,7 @@ class AppPage:
         button = self.page.get_by_role("button", name=re.compile(r"Pictures \(\d+\)"))
         with self.page.expect_file_chooser() as chooser:
             button.click()
-        assert chooser.value.is_multiple()
+        assert chooser.value.is_multiple() and chooser.value.element.get_attribute("accept") == ".jpg,.jpeg,.png,.webp"
         chooser.value.set_files([str(f) for f in files])
         blocks = [self.page.locator(".cifar-result, .cifar-message").filter(has_text=f"{f.name}:") for f in files]
         for b in blocks:
