@@ -1,8 +1,9 @@
 """The upload app of notebook 05: pictures in, top-k classes out, a clear message per bad file.
 
-Built on ipywidgets 8. The upload callback hands each file's bytes to the predictor and shows
-what comes back; it then clears the upload, so that the pictures' bytes are not kept in the
-widget state that a saved notebook would store.
+Built on ipywidgets 8; `make app` serves the notebook as a web page (see `cifarlib.serve`). The
+upload callback hands each file's bytes to the predictor and shows what comes back; it then clears
+the upload, so that the pictures' bytes are kept neither in the kernel nor in the widget state
+that a saved notebook would store.
 """
 
 from __future__ import annotations
@@ -11,28 +12,23 @@ import html
 import io
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError
-from .plots import png_bytes
 from .predict import Prediction, Predictor
-from .preprocess import cifar_like
+from .preprocess import CIFAR_SIZE, _to_rgb, cifar_like
 
 ACCEPT = ".jpg,.jpeg,.png,.webp"
+MAX_BYTES = 20_000_000  # larger files are refused on their size, before any decoding
 
 
-def bar_chart(p: Prediction):
-    names, probs = [n for n, _ in p.top][::-1], [v for _, v in p.top][::-1]
-    fig, ax = plt.subplots(figsize=(4.2, 0.35 * len(names) + 0.6))
-    ax.barh(names, probs, color="tab:blue")
-    for y, v in enumerate(probs):
-        ax.text(min(v + 0.01, 0.85), y, f"{v:.1%}", va="center", fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("probability")
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+def bars(p: Prediction) -> str:
+    """The top classes as an HTML bar chart. Drawn in HTML rather than matplotlib so that names and
+    probabilities stay text (readable by screen readers and by the browser test), and cheap."""
+    rows = "".join(f"<tr><td style='padding-right:0.6em'>{html.escape(name)}</td><td style='width:10em'>"
+                   f"<div style='background:#1f77b4;height:0.9em;width:{100 * prob:.1f}%'></div></td>"
+                   f"<td style='text-align:right;padding-left:0.6em'>{prob:.1%}</td></tr>" for name, prob in p.top)
+    return f"<table style='border-collapse:collapse'>{rows}</table>"
 
 
 def _png(img: Image.Image) -> bytes:
@@ -41,42 +37,65 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def stored_image(picture, size: int) -> Image.Image:
+    """The picture as the model sees it: made CIFAR-like, at the checkpoint's stored size."""
+    x = cifar_like(picture) if size == CIFAR_SIZE else cifar_like(picture, size)
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
 class UploadApp:
     """`UploadApp(predictor).widget` is the app; `show_file(name, content)` renders one file."""
 
     def __init__(self, predictor: Predictor, top_k: int = 5):
         self.predictor, self.top_k = predictor, top_k
+        self.size = getattr(predictor, "store_size", CIFAR_SIZE)  # the size its images were stored at
         self.upload = widgets.FileUpload(accept=ACCEPT, multiple=True, description="Pictures")
         self.results = widgets.VBox()
         self.upload.observe(self._on_upload, names="value")
-        self.widget = widgets.VBox([widgets.HTML(f"Upload one or more pictures ({ACCEPT})."), self.upload, self.results])
+        self.widget = widgets.VBox([widgets.HTML(f"Upload one or more pictures ({ACCEPT}), "
+                                                 f"up to {MAX_BYTES // 1_000_000} MB each."), self.upload, self.results])
 
     def _on_upload(self, change) -> None:
         files = change["new"]
         if not files:
             return
         try:
+            self.results.children = [widgets.HTML(f"<i>Reading {len(files)} file(s)...</i>")]
             self.results.children = [self.show_file(f["name"], f["content"]) for f in files]
         finally:
-            self.upload.value = ()  # don't keep the uploaded bytes in the notebook
+            self.upload.value = ()  # don't keep the uploaded bytes
 
     def show_file(self, name: str, content) -> widgets.Widget:
         title = f"<b>{html.escape(name)}</b>"
         try:
-            data = bytes(content)
-            p = self.predictor.predict(data, top_k=self.top_k)
+            p, previews = self._predict(content)
         except UserError as e:
-            return widgets.HTML(f"{title}: <span style='color:#b00'>{html.escape(str(e))}</span>")
+            return self._message(title, str(e))
         except Exception as e:  # never let one file break the app; say what happened
-            return widgets.HTML(f"{title}: <span style='color:#b00'>could not be read "
-                                f"({html.escape(type(e).__name__)}: {html.escape(str(e))})</span>")
-        seen = Image.fromarray(cifar_like(data).permute(1, 2, 0).numpy()).resize((96, 96), Image.NEAREST)
-        original = Image.open(io.BytesIO(data))
-        original.thumbnail((160, 160))
-        previews = widgets.HBox([widgets.Image(value=_png(original.convert("RGB")), format="png"),
-                                 widgets.Image(value=_png(seen), format="png")])
-        chart = widgets.Image(value=png_bytes(bar_chart(p), dpi=90), format="png")
+            return self._message(title, f"could not be read ({type(e).__name__}: {e})")
         superclass = f"; superclass <b>{html.escape(p.superclass)}</b>" if p.superclass else ""
         caption = widgets.HTML(f"{title}: <b>{html.escape(p.top[0][0])}</b> ({p.top[0][1]:.1%}){superclass}"
-                               "<br><small>your picture, and the 32 px image the model sees</small>")
-        return widgets.HBox([widgets.VBox([caption, previews]), chart])
+                               f"<br><small>your picture, and the {self.size} px image the model sees</small>")
+        chart = widgets.HTML(bars(p), layout=widgets.Layout(margin="0 0 0 2em"))
+        box = widgets.HBox([widgets.VBox([caption, previews], layout=widgets.Layout(width="30em")), chart],
+                           layout=widgets.Layout(margin="0.5em 0"))
+        return box.add_class("cifar-result")
+
+    def _predict(self, content) -> tuple[Prediction, widgets.HBox]:
+        size = memoryview(content).nbytes
+        if size > MAX_BYTES:  # before decoding anything
+            raise UserError(f"the file is {size / 1e6:.1f} MB, above the limit of {MAX_BYTES / 1e6:.0f} MB; "
+                            "save the picture smaller (the model sees it at a few dozen pixels anyway).")
+        data = bytes(content)
+        p = self.predictor.predict(data, top_k=self.top_k)
+        picture = Image.open(io.BytesIO(data))
+        seen = stored_image(picture, self.size)
+        seen = seen.resize((self.size * max(1, 128 // self.size),) * 2, Image.NEAREST)
+        shown = _to_rgb(ImageOps.exif_transpose(picture))
+        shown.thumbnail((160, 160))
+        return p, widgets.HBox([widgets.Image(value=_png(shown), format="png"),
+                                widgets.Image(value=_png(seen), format="png")])
+
+    @staticmethod
+    def _message(title: str, text: str) -> widgets.HTML:
+        return widgets.HTML(f"{title}: <span style='color:#b00'>{html.escape(text)}</span>").add_class("cifar-message")

@@ -91,7 +91,8 @@ def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray) -> t
         image = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         # PIL reports damaged files as OSError (UnidentifiedImageError too), SyntaxError ("broken
-        # PNG file"), ValueError or EOFError
-        raise UserError(f"not a usable image ({type(e).__name__}: {e}).") from None
+        # PNG file"), ValueError or EOFError; an unknown format's message would name a BytesIO object
+        why = "no image format recognised" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"not a usable image ({why}).") from None
     small = ImageOps.fit(image, (CIFAR_SIZE, CIFAR_SIZE), method=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

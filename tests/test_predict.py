@@ -1,5 +1,6 @@
 """The predictor, its CLI and the upload widget, on a checkpoint the trainer wrote."""
 
+import html
 import io
 from datetime import datetime, timezone
 import subprocess
@@ -128,8 +129,9 @@ def test_widget_shows_predictions_and_a_message_per_bad_file(predictor, picture)
     assert isinstance(good, widgets.HBox)
     caption = good.children[0].children[0].value
     assert "cat.png" in caption and predictor.predict(picture).top[0][0] in caption and "superclass" in caption
-    chart = good.children[1]
-    assert chart.format == "png" and bytes(chart.value).startswith(b"\x89PNG")  # the bar chart
+    chart = good.children[1].value  # the bar chart, its names and probabilities as text
+    assert all(html.escape(name) in chart and f"{prob:.1%}" in chart for name, prob in predictor.predict(picture).top)
+    assert "32 px image the model sees" in caption and "cifar-result" in good._dom_classes
     assert "broken.png" in broken.value and "not a usable image" in broken.value
     assert "empty.webp" in empty.value and "empty" in empty.value
     assert app.upload.value == ()  # the uploaded bytes are not kept
@@ -151,3 +153,14 @@ def test_widget_survives_unexpected_errors_and_always_clears_the_upload(predicto
     assert "odd.png" in msg.value and "ZeroDivisionError" in msg.value and app.upload.value == ()
     with pytest.raises(UserError, match="top_k must be at least 1"):
         Predictor.predict(predictor, picture, top_k=0)
+
+
+def test_widget_refuses_a_file_over_20_mb_on_its_size_and_still_predicts_the_others(predictor, picture):
+    from cifarlib import app as app_module
+    big = png_bytes(picture) + bytes(app_module.MAX_BYTES)  # a PNG that decodes: only its size is wrong
+    assert predictor.predict(big).top == predictor.predict(picture).top
+    app = UploadApp(predictor, top_k=3)
+    app.upload.value = upload(("big.png", big), ("cat.png", png_bytes(picture)))
+    refused, good = app.results.children
+    assert "big.png" in refused.value and "above the limit of 20 MB" in refused.value
+    assert "cifar-result" in good._dom_classes and app.upload.value == ()

@@ -1,0 +1,61 @@
+"""`make app` before Voilà starts: the checkpoint is checked, the parameters injected, the port free.
+(The served page itself is tested in a browser: tests/test_app_browser.py.)"""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cifarlib import serve
+from cifarlib.errors import UserError
+
+
+def test_no_best_pt_is_a_clear_error_naming_the_folder_and_make_demo(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")  # a run without best.pt does not count
+    with pytest.raises(UserError, match=rf"no best.pt under {tmp_path}.*`make demo`.*training run"):
+        serve.pick_checkpoint("", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign"])
+def test_an_unusable_checkpoint_is_a_clear_error_naming_it_and_make_demo(kind, tmp_path, trained_checkpoint):
+    path = tmp_path / "best.pt"
+    if kind == "truncated":
+        path.write_bytes(trained_checkpoint.read_bytes()[:5000])
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    message = {"missing": "does not exist", "truncated": "not a readable checkpoint", "foreign": "not a cifarlib checkpoint"}
+    with pytest.raises(UserError, match=rf"{path}.*{message[kind]}.*`make demo`"):
+        serve.pick_checkpoint(str(path))
+
+
+def test_the_newest_best_pt_is_served_by_default(tmp_path, trained_checkpoint):
+    assert serve.pick_checkpoint("", root=str(trained_checkpoint.parents[1])) == trained_checkpoint
+    assert serve.pick_checkpoint(str(trained_checkpoint)) == trained_checkpoint
+
+
+def test_the_checkpoint_is_injected_as_papermill_does(tmp_path, trained_checkpoint):
+    out = serve.prepare(trained_checkpoint, str(tmp_path / "app" / "05.ipynb"))
+    nb = json.loads(out.read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert len(injected) == 1 and f'checkpoint = "{trained_checkpoint}"' in "".join(injected[0]["source"])
+    assert nb["metadata"]["papermill"]["parameters"] == {"checkpoint": str(trained_checkpoint)}
+    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")  # prepared, not run
+
+
+def test_a_busy_port_is_a_clear_error_instead_of_another_port():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=rf"127.0.0.1:{port}.*make app PORT={port + 1}"):
+            serve.check_port_free("127.0.0.1", port)
+
+
+def test_cli_exits_2_with_one_line_before_starting_voila(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cifarlib.serve", "--checkpoint", str(tmp_path / "none.pt"),
+                        "--prepared", str(tmp_path / "05.ipynb")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "none.pt does not exist" in r.stderr and "make demo" in r.stderr
+    assert not (tmp_path / "05.ipynb").exists()
