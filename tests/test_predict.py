@@ -159,7 +159,7 @@ def test_widget_refuses_a_file_over_20_mb_on_its_size_and_still_predicts_the_oth
     from cifarlib import app as app_module
     big = png_bytes(picture) + bytes(app_module.MAX_BYTES)  # a PNG that decodes: only its size is wrong
     assert predictor.predict(big).top == predictor.predict(picture).top
-    app = UploadApp(predictor, top_k=3)
+    app = upload_app()(predictor, top_k=3)
     app.upload.value = upload(("big.png", big), ("cat.png", png_bytes(picture)))
     refused, good = app.results.children
     assert "big.png" in refused.value and "above the limit of 20 MB" in refused.value
