@@ -133,6 +133,10 @@ class Saver:
         self._thread = threading.Thread(target=run, name="cifarlib-saver", daemon=True)
         self._thread.start()
 
+    def busy(self) -> bool:
+        """Whether a job is still being written."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:

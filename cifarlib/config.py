@@ -85,6 +85,7 @@ class Config:
     max_eval_samples: int | None = None
     accum_steps: int = 1          # gradient accumulation: batches per optimizer step
     compile: bool = False         # torch.compile the model (CUDA)
+    save_every_minutes: float = 10.0  # also save the exact position this often while training (0: off)
     stages: tuple[Stage, ...] = field(default=())
 
 
@@ -170,6 +171,8 @@ def make_config(preset: str = "original", **overrides) -> Config:
     if not 0 < values.get("val_fraction", 0.1) < 1:
         raise UserError(f"val_fraction must be above 0 and below 1 for training (early stopping and "
                         f"best.pt need a validation split), not {values['val_fraction']!r}.")
+    if values.get("save_every_minutes", 0) < 0:
+        raise UserError(f"save_every_minutes must be 0 (off) or more, not {values['save_every_minutes']!r}.")
     if values.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise UserError(f"optimizer must be 'sgd' or 'adamw', not {values['optimizer']!r}.")
     stages = tuple(Stage(**s) if isinstance(s, dict) else s for s in values.pop("stages"))

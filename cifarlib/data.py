@@ -244,15 +244,21 @@ class Batches:
             return 0
         return max(1, n // b) if self.drop_last else -(-n // b)
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, b = len(self.split), self.batch_size
-        device = self.split.labels.device
+    def order(self, epoch: int = 0) -> torch.Tensor:
+        """The epoch's sample order, on the CPU (a run interrupted mid-epoch saves it)."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g).to(device)
-        else:
-            order = torch.arange(n, device=device)
-        for i in range(len(self)):
+            return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return torch.arange(len(self.split))
+
+    def epoch(self, epoch: int = 0, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches, from batch `start` on, in `order` (default: the epoch's own)."""
+        n, b = len(self.split), self.batch_size
+        order = self.order(epoch) if order is None else order
+        device = self.split.labels.device
+        if device.type == "cuda":  # one copy that does not make the host wait
+            order = order.pin_memory()
+        order = order.to(device, non_blocking=True)
+        for i in range(start, len(self)):
             idx = order[i * b: min((i + 1) * b, n)]
             yield self.split.images[idx], self.split.labels[idx]
 

@@ -17,13 +17,18 @@ class UserError(Exception):
 
 
 @contextmanager
-def cli_errors(prog: str):
-    """Turn a `UserError` raised inside the block into `prog: error: ...` on stderr and exit 2."""
+def cli_errors(prog: str, quiet: bool = False):
+    """Turn a `UserError` raised inside the block into `prog: error: ...` on stderr and exit 2
+    (or, for one that carries an `exit_status`, such as an interrupted run's 130 or 143, its
+    message alone and that status). `quiet` exits the same way without printing (the other
+    ranks of a torchrun job, so that the message shows once)."""
     try:
         yield
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        status = getattr(e, "exit_status", 2)
+        if not quiet:
+            print(f"{prog}: error: {e}" if status == 2 else f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(status) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -2,7 +2,7 @@
 
     run = prepare(make_config("original", epochs=100))
     for row in epochs(run):      # trains; each row is also in run.history and history.csv
-        print(row)
+        print(format_row(row, run))
 
 Each stage trains its layer groups (everything else frozen) with its own optimizer and a
 one-cycle schedule sized to its exact number of optimizer steps. Frozen groups are fully frozen:
@@ -14,13 +14,16 @@ watches the validation loss, with its counter reset at each stage.
 On CUDA: bf16 autocast (fp16 with a gradient scaler where bf16 is missing), channels_last,
 fused optimizers, cuDNN autotuning, optional torch.compile. Under torchrun:
 DistributedDataParallel, each rank training on its own shard of the device-resident data; only
-rank 0 writes files.
+rank 0 writes files. The steps themselves, and their scheduled checks, are in `cifarlib.loop`.
 
-The host never waits for the GPU inside a training step: augmentation parameters travel in one
-non-blocking copy, and nothing reads a device value back. It waits only at the scheduled checks:
-every `check_every` steps (50 on a GPU, where each wait costs the queue of launched work; every
-step on the CPU, where it costs nothing) and at the end of the epoch, for its loss. Saving is
-done by a background thread (`checkpoints.SAVER`) from a copy in CPU memory.
+Nothing is lost when a run stops (see `cifarlib.guard`): on SIGINT, SIGTERM or a notebook's
+interrupt, the step in progress finishes, `last.pt` gets the exact position (model, optimizer,
+schedule, scaler, stage, epoch, step, the epoch's batch order and running sums, every random
+state), and `Interrupted` says how to continue: `resume=True` in a new process, or running
+`epochs(run)` again in the same one, goes on from that step and ends as the uninterrupted run
+would have. `save_every_minutes` writes the same position while training, for kills that give
+no warning. Files are written by a background thread (`checkpoints.SAVER`) from a copy in CPU
+memory, so training does not wait for them.
 
 `compile=True` compiles the model with static shapes: once for the first stage, and once more at
 each stage that changes which layers train. Validation runs the uncompiled model (its last batch
@@ -33,9 +36,7 @@ several epochs per stage on a GPU; short runs and CPU runs should leave it off.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -44,19 +45,19 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import checkpoints, runtime
+from . import checkpoints, guard, runtime
 from .augment import BatchAugment, make_policy
-from .config import PRESETS, Config, Stage, from_dict, make_config, parse_value, to_dict
-from .data import Batches, CifarData, Split, load_cifar
+from .config import PRESETS, Config, from_dict, make_config, parse_value, to_dict
+from .data import CifarData, Split, load_cifar
 from .errors import UserError, cli_errors
-from .model import build_model, layer_groups
-from .preprocess import evaluation_inputs, normalization
+from .loop import (CHECK_EVERY_GPU, Position, apply_stage, check_every, load_scaler_state,  # noqa: F401
+                   make_optimizer, make_scaler, make_schedule, train_epoch, train_loader, train_mode,
+                   train_steps, validate, world_sums)
+from .model import GROUPS, build_model, layer_groups
+from .preprocess import normalization
 
-CHECK_EVERY_GPU = 50  # steps between scheduled checks on a GPU (the only host waits of an epoch)
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
 
 
@@ -76,9 +77,11 @@ class Run:
     next_stage: int = 0           # where training goes on: stage index ...
     next_epoch: int = 0           # ... and epoch within it
     best_val_loss: float = math.inf
-    resume_state: dict[str, Any] | None = None
-    in_epoch: bool = False        # True while an epoch runs: an interrupt leaves it set
+    resume_state: dict[str, Any] | None = None  # optimizer, schedule, position... to continue from
+    broken: str | None = None     # why this Run can't go on in memory (it stopped inside a step)
     saving_seconds: float = 0.0   # time the loop spent handing its files to the saver
+    last_save: float = field(default_factory=time.monotonic)
+    memory_checked: bool = False
 
 
 def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) -> Split:
@@ -130,122 +133,14 @@ def prepare(cfg: Config) -> Run:
         r = saved["resume"]
         run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
         run.next_stage, run.next_epoch, run.resume_state = r["next_stage"], r["next_epoch"], r
-        states = r["rng"]["augment"]
-        aug.generator.set_state(states[rank % len(states)])
-        torch.set_rng_state(r["rng"]["torch"])
+        _restore_rng(run, r["rng"], rank)
     elif runtime.is_main_process():
         checkpoints.write_json(to_dict(cfg), path / "config.json")
     return run
 
 
-def apply_stage(model: nn.Module, groups: dict[str, list[str]], stage: Stage) -> list[dict[str, Any]]:
-    """Make exactly the stage's groups trainable; returns the optimizer's parameter groups."""
-    params = dict(model.named_parameters())
-    trainable = {n for g in stage.groups for n in groups[g]}
-    for name, p in params.items():
-        p.requires_grad_(name in trainable)
-    return [{"params": [params[n] for n in groups[g]], "lr": lr, "name": g} for g, lr in zip(stage.groups, stage.lr)]
-
-
-def train_mode(model: nn.Module) -> None:
-    """model.train(), except BatchNorm layers whose parameters are all frozen."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-            m.eval()
-
-
-def make_optimizer(cfg: Config, param_groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay, **fused)
-
-
 def steps_per_epoch(run: Run) -> int:
-    return math.ceil(len(Batches(run.train, run.cfg.batch_size, drop_last=True)) / run.cfg.accum_steps)
-
-
-def make_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, steps: int):
-    """OneCycleLR over exactly `steps` optimizer steps (at least 2, which it needs)."""
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=list(stage.lr), total_steps=max(steps, 2), pct_start=stage.warmup,
-        anneal_strategy=stage.anneal, cycle_momentum=cfg.cycle_momentum and cfg.optimizer == "sgd")
-
-
-def make_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """A gradient scaler, enabled where autocast runs in fp16 (GPUs without bf16), whose small
-    gradients would otherwise underflow; a disabled one, which does nothing, elsewhere."""
-    return torch.amp.GradScaler(device.type, enabled=runtime.autocast(device)[1] == torch.float16)
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
-    """A run saved on the CPU or a bf16 GPU holds a disabled scaler's `{}`, which an enabled
-    scaler (fp16, on a pre-Ampere GPU) refuses; it then starts afresh, as any new run does."""
-    if state:
-        scaler.load_state_dict(state)
-
-
-def check_every(device: torch.device) -> int:
-    return 1 if device.type == "cpu" else CHECK_EVERY_GPU
-
-
-def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> float:
-    """One epoch over this rank's shard; returns the mean training loss (soft targets).
-
-    With gradient accumulation, DDP all-reduces the gradients only at the last micro-batch of
-    each optimizer step (`no_sync` for the others).
-    """
-    cfg, accum = run.cfg, run.cfg.accum_steps
-    train_mode(model)
-    loader = Batches(run.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
-    total, seen, n = torch.zeros((), device=run.device), 0, len(loader)
-    bar = tqdm(loader.epoch(epoch), total=n, desc=f"epoch {epoch + 1}", leave=False,
-               disable=not runtime.is_main_process())
-    autocast, _ = runtime.autocast(run.device)
-    inner = getattr(model, "_orig_mod", model)  # under torch.compile
-    ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
-    for i, (x, y) in enumerate(bar):
-        inputs, targets = run.aug(x, y)
-        stepping = (i + 1) % accum == 0 or i + 1 == n
-        with contextlib.nullcontext() if stepping or not ddp else inner.no_sync():
-            with autocast:
-                loss = F.cross_entropy(model(inputs).float(), targets)
-            scaler.scale(loss / accum).backward()
-        if stepping:
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if sched.last_epoch + 1 < sched.total_steps:
-                sched.step()
-        total += loss.detach() * len(x)
-        seen += len(x)
-    return _all_sum(total, seen)
-
-
-def _all_sum(total: torch.Tensor, count: int) -> float:
-    t = torch.stack([total.float(), torch.tensor(float(count), device=total.device)])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return (t[0] / t[1].clamp_min(1)).item()
-
-
-@torch.no_grad()
-def validate(run: Run, model: nn.Module) -> tuple[float, float]:
-    """Loss and top-1 accuracy on the validation split, through the evaluation path."""
-    model.eval()
-    mean, std = run.aug.mean, run.aug.std
-    loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
-    autocast, _ = runtime.autocast(run.device)
-    layout = runtime.memory_format(run.device)
-    for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
-        with autocast:
-            logits = model(evaluation_inputs(x, run.cfg.image_size, mean, std).to(memory_format=layout)).float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    return _all_sum(loss, seen), _all_sum(correct, seen)
+    return math.ceil(len(train_loader(run)) / run.cfg.accum_steps)
 
 
 def _checkpoint(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[str, Any]:
@@ -257,32 +152,65 @@ def _checkpoint(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[str,
             "config": to_dict(run.cfg), "model": model_state, "history": list(run.history), **extra}
 
 
-def _rng_states(run: Run) -> list[torch.Tensor]:
-    state = run.aug.generator.get_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
-    dist.all_gather_object(states, state)
-    return states
+def _rng_states(run: Run) -> dict[str, Any]:
+    """Every random state that training draws from: each rank's augmentation generator (and
+    CUDA generator), and the CPU's. Under torchrun, a collective."""
+    mine = [run.aug.generator.get_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None]
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"augment": [r[0] for r in ranks], "cuda": [r[1] for r in ranks], "torch": torch.get_rng_state()}
 
 
-def _save_epoch(run: Run, row: dict[str, Any], improved: bool, resume: dict[str, Any]) -> None:
-    """Copy the epoch's state to CPU memory, then let the background saver write best.pt (if
-    validation improved), last.pt, history.csv and loss_curves.png, in that order."""
+def _restore_rng(run: Run, rng: dict[str, Any], rank: int) -> None:
+    states = rng["augment"]
+    run.aug.generator.set_state(states[rank % len(states)])
+    torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda") or [None]
+    if run.device.type == "cuda" and cuda[rank % len(cuda)] is not None:
+        torch.cuda.set_rng_state(cuda[rank % len(cuda)], run.device)
+
+
+def _resume_state(run: Run, si: int, pos: Position | None, opt, sched, scaler, stage_best: float, bad: int) -> dict[str, Any]:
+    """What `last.pt` needs to go on exactly where the run stands: after an epoch (`pos` None),
+    or at `pos` inside one. Under torchrun a collective (random states, the epoch's sums)."""
+    state = {"stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+             "stage_best": stage_best, "bad_epochs": bad, "best_val_loss": run.best_val_loss, "rng": _rng_states(run)}
+    if pos is not None:
+        loss_sum, seen = world_sums(pos.loss_sum, pos.seen)
+        state.update(step=pos.step, order=pos.order, loss_sum=loss_sum, seen=int(seen),
+                     train_seconds=pos.train_seconds, seconds=pos.seconds)
+    return state
+
+
+def _submit(run: Run, last: dict[str, Any], best: dict[str, Any] | None, rows: bool) -> None:
+    """Copy what is to be saved to CPU memory now; the background saver writes best.pt (when
+    validation improved), last.pt and, after an epoch, history.csv and loss_curves.png."""
     from .plots import loss_curves, save_png  # matplotlib only where curves are drawn
 
+    t0 = time.perf_counter()
     state = run.model.state_dict()
-    last = checkpoints.snapshot(_checkpoint(run, state, {"metrics": row, "resume": resume}))
-    best = {k: v for k, v in last.items() if k != "resume"} if improved else None
+    last = checkpoints.snapshot(_checkpoint(run, state, last))
+    best = None if best is None else {k: v for k, v in last.items() if k != "resume"} | best
     history, folder = last["history"], run.dir
 
     def job() -> None:
         if best is not None:
             checkpoints.save(best, folder / "best.pt")
         checkpoints.save(last, folder / "last.pt")
-        checkpoints.write_history(history, folder / "history.csv")
-        save_png(loss_curves(history), folder / "loss_curves.png")
+        if rows:
+            checkpoints.write_history(history, folder / "history.csv")
+            save_png(loss_curves(history), folder / "loss_curves.png")
     checkpoints.SAVER.submit(job)
+    run.saving_seconds += time.perf_counter() - t0
+    run.last_save = time.monotonic()
+
+
+def _save_position(run: Run, state: dict[str, Any]) -> None:
+    if runtime.is_main_process():
+        _submit(run, {"metrics": run.history[-1] if run.history else None, "resume": state}, None, rows=False)
 
 
 def _stage_model(run: Run) -> nn.Module:
@@ -295,68 +223,143 @@ def _stage_model(run: Run) -> nn.Module:
     return net
 
 
+def _agree(run: Run, flag: bool) -> bool:
+    """True on every rank if it is True on any (one all-reduce under torchrun)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)]).to(run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _row(run: Run, stage, e: int, pos: Position, opt, train_loss: float, val_loss: float, val_acc: float, seen: float) -> dict[str, Any]:
+    rates = {f"lr_{g}": 0.0 for g in GROUPS}  # frozen groups: 0
+    rates.update({f"lr_{g['name']}": round(g["lr"], 10) for g in opt.param_groups})
+    return {"epoch": pos.epoch + 1, "stage": stage.name, "stage_epoch": e + 1, **rates,
+            "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
+            "seconds": round(pos.seconds, 2), "images_per_s": round(seen / max(pos.train_seconds, 1e-9), 1)}
+
+
+def format_row(row: dict[str, Any], run: Run) -> str:
+    """The one plain line per epoch that the CLI and notebook 03 print."""
+    total = sum(s.epochs for s in run.cfg.stages)
+    return (f"epoch {row['epoch']}/{total} [{row['stage']}] train_loss {row['train_loss']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.2%} lr_head {row['lr_head']:.2e} "
+            f"{row['seconds']:.1f} s {row['images_per_s']:.0f} img/s")
+
+
 def epochs(run: Run) -> Iterator[dict[str, Any]]:
     """Train from where `run` stands; yields each epoch's history row once its files are handed
-    to the background saver. The files are complete when the generator ends (or is closed)."""
+    to the background saver (they are complete when the generator ends, or is closed).
+
+    Raises `guard.Interrupted` after a signal (its position saved; calling `epochs(run)` again
+    continues there), and `UserError` for a non-finite loss or a lack of memory (nothing of the
+    failed epoch saved; continue from the last save with `prepare(... resume=True)`).
+    """
+    if run.broken:
+        raise UserError(run.broken)
     cfg, raw = run.cfg, run.model
-    if run.in_epoch:
-        raise UserError("this run was interrupted in the middle of an epoch, so its model is no longer "
-                        "that of its last saved epoch. Continue it with resume=True (prepare it again), "
-                        "which goes on from the last completed epoch.")
     runtime.tune_for_fixed_shapes(run.device)
+    if run.device.type == "cpu" and not run.memory_checked and runtime.is_main_process():
+        guard.warn_if_too_big(raw, cfg.image_size, cfg.batch_size, cfg.accum_steps)
+        run.memory_checked = True
     spe = steps_per_epoch(run)
-    try:
-        for si in range(run.next_stage, len(cfg.stages)):
-            stage = cfg.stages[si]
-            params = apply_stage(raw, run.groups, stage)
-            net = _stage_model(run)
-            opt = make_optimizer(cfg, params, run.device)
-            sched = make_schedule(cfg, opt, stage, spe * stage.epochs)
-            scaler = make_scaler(run.device)
-            stage_best, bad = math.inf, 0
-            r = run.resume_state
-            if r is not None and r["stage"] == si:
-                opt.load_state_dict(r["optimizer"])
-                sched.load_state_dict(r["scheduler"])
-                load_scaler_state(scaler, r.get("scaler", {}))
-                stage_best, bad = r["stage_best"], r["bad_epochs"]
-            run.resume_state = None
-            stopped = False
-            for e in range(run.next_epoch, stage.epochs):
-                start, epoch = time.time(), len(run.history)
-                run.in_epoch = True
-                train_loss = train_epoch(run, net, opt, sched, scaler, epoch)
-                val_loss, val_acc = validate(run, raw)  # uncompiled: no recompile for eval mode or its last batch
-                run.in_epoch = False
-                improved_stage = val_loss < stage_best
-                stage_best, bad = (val_loss, 0) if improved_stage else (stage_best, bad + 1)
-                stopped = bad >= cfg.patience
-                row = {"epoch": epoch + 1, "stage": stage.name, "stage_epoch": e + 1, "train_loss": round(train_loss, 6),
-                       "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
-                       "lr": round(opt.param_groups[-1]["lr"], 8), "seconds": round(time.time() - start, 2)}
-                run.history.append(row)
-                done = stopped or e + 1 == stage.epochs
-                run.next_stage = (len(cfg.stages) if stopped and cfg.stop_ends_run else si + 1) if done else si
-                run.next_epoch = 0 if done else e + 1
-                rng = _rng_states(run)
-                if runtime.is_main_process():
-                    improved = val_loss < run.best_val_loss
-                    run.best_val_loss = min(run.best_val_loss, val_loss)
-                    t0 = time.perf_counter()
-                    _save_epoch(run, row, improved, {
-                        "stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                        "stage_best": stage_best, "bad_epochs": bad, "best_val_loss": run.best_val_loss,
-                        "rng": {"augment": rng, "torch": torch.get_rng_state()}})
-                    run.saving_seconds += time.perf_counter() - t0
-                yield row
-                if stopped:
+    phase = "training"
+    with guard.StopSignals() as stop:
+        try:
+            for si in range(run.next_stage, len(cfg.stages)):
+                stage = cfg.stages[si]
+                params = apply_stage(raw, run.groups, stage)
+                net = _stage_model(run)
+                opt = make_optimizer(cfg, params, run.device)
+                sched = make_schedule(cfg, opt, stage, spe * stage.epochs)
+                scaler = make_scaler(run.device)
+                stage_best, bad = math.inf, 0
+                r = run.resume_state
+                if r is not None and r["stage"] == si:
+                    opt.load_state_dict(r["optimizer"])
+                    sched.load_state_dict(r["scheduler"])
+                    load_scaler_state(scaler, r.get("scaler", {}))
+                    stage_best, bad = r["stage_best"], r["bad_epochs"]
+                stopped = False
+                for e in range(run.next_epoch, stage.epochs):
+                    r, run.resume_state = run.resume_state, None
+                    if r is not None and r.get("step") is not None and r["stage"] == si:
+                        lead = runtime.is_main_process()  # the saved sums are the ranks' total
+                        pos = Position(len(run.history), r["order"], r["step"], r["loss_sum"] if lead else 0.0,
+                                       r["seen"] if lead else 0, r["train_seconds"], r["seconds"])
+                    else:
+                        pos = Position(len(run.history), train_loader(run).order(len(run.history)))
+                    start, phase = time.time() - pos.seconds, "training"
+                    while True:
+                        if _agree(run, stop.signum is not None):
+                            event = "stop"
+                        else:
+                            event = train_steps(run, net, opt, sched, scaler, pos, stop, lambda: _save_due(run))
+                        pos.seconds = time.time() - start
+                        if event == "done":
+                            break
+                        if event == "non-finite":
+                            run.broken = str(guard.non_finite_error(pos.epoch + 1, pos.bad_step, stage.name, _rates(opt),
+                                                                    runtime.autocast(run.device)[1] == torch.float16))
+                            raise UserError(run.broken)
+                        run.next_stage, run.next_epoch = si, e
+                        state = _resume_state(run, si, pos, opt, sched, scaler, stage_best, bad)
+                        _save_position(run, state)
+                        if event == "stop":
+                            checkpoints.SAVER.wait()  # on disk before the process may end
+                            run.resume_state = state
+                            raise guard.Interrupted(guard.interrupted_message(pos.epoch + 1, pos.step, cfg.run_name),
+                                                    stop.signum or 2)
+                    phase = "validation"
+                    loss_sum, seen = world_sums(pos.loss_sum, pos.seen)
+                    val_loss, val_acc = validate(run, raw)  # uncompiled: no recompile for eval mode or its last batch
+                    pos.seconds = time.time() - start
+                    train_loss = loss_sum / max(seen, 1)
+                    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                        run.broken = str(guard.non_finite_error(pos.epoch + 1, pos.step, stage.name, _rates(opt), False))
+                        raise UserError(run.broken)
+                    stage_best, bad = (val_loss, 0) if val_loss < stage_best else (stage_best, bad + 1)
+                    stopped = bad >= cfg.patience
+                    row = _row(run, stage, e, pos, opt, train_loss, val_loss, val_acc, seen)
+                    run.history.append(row)
+                    done = stopped or e + 1 == stage.epochs
+                    run.next_stage = (len(cfg.stages) if stopped and cfg.stop_ends_run else si + 1) if done else si
+                    run.next_epoch = 0 if done else e + 1
+                    state = _resume_state(run, si, None, opt, sched, scaler, stage_best, bad)
+                    if runtime.is_main_process():
+                        improved = val_loss < run.best_val_loss
+                        run.best_val_loss = min(run.best_val_loss, val_loss)
+                        state["best_val_loss"] = run.best_val_loss
+                        _submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
+                    yield row
+                    if stopped:
+                        break
+                run.next_epoch = 0
+                if stopped and cfg.stop_ends_run:
                     break
-            run.next_epoch = 0
-            if stopped and cfg.stop_ends_run:
-                break
-    finally:
-        checkpoints.SAVER.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C, inside a step: no consistent state to save
+            run.broken = ("this run was stopped inside a step, so its model in memory is not a saved state. "
+                          f"Continue with run_name={cfg.run_name} resume=True, from its last save.")
+            raise
+        except Exception as e:
+            if not guard.is_out_of_memory(e):
+                raise
+            run.broken = str(guard.out_of_memory_error(run.device, cfg.batch_size, cfg.accum_steps, cfg.image_size, phase))
+            raise UserError(run.broken) from None
+        finally:
+            checkpoints.SAVER.wait()
+
+
+def _rates(opt) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in opt.param_groups}
+
+
+def _save_due(run: Run) -> bool:
+    """A periodic save is due (rank 0's clock decides; the check makes every rank agree)."""
+    every = run.cfg.save_every_minutes * 60
+    return (every > 0 and runtime.is_main_process() and time.monotonic() - run.last_save >= every
+            and not checkpoints.SAVER.busy())
 
 
 def _usage() -> str:
@@ -377,19 +380,21 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(_usage())
         return
-    with cli_errors("python -m cifarlib.train"):
-        bad = [a for a in argv if "=" not in a]
-        if bad:
-            raise UserError(f"expected key=value, got {' '.join(bad)} (see --help).")
-        kv = {k: parse_value(v) for k, v in (a.split("=", 1) for a in argv)}
-        run = prepare(make_config(kv.pop("preset", "original"), **kv))
-        for row in epochs(run):
+    try:
+        with cli_errors("python -m cifarlib.train", quiet=not runtime.is_main_process()):
+            bad = [a for a in argv if "=" not in a]
+            if bad:
+                raise UserError(f"expected key=value, got {' '.join(bad)} (see --help).")
+            kv = {k: parse_value(v) for k, v in (a.split("=", 1) for a in argv)}
+            run = prepare(make_config(kv.pop("preset", "original"), **kv))
+            for row in epochs(run):  # one line per epoch on stdout; the progress bar is on stderr
+                if runtime.is_main_process():
+                    print(format_row(row, run), flush=True)
             if runtime.is_main_process():
-                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        if runtime.is_main_process():
-            print(f"run files: {run.dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+                print(f"run files: {run.dir}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
