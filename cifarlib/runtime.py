@@ -40,6 +40,18 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: a CUDA GPU's free memory, else the host's
+    available RAM (which an Apple GPU shares)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil  # installed with jupyter; counts reclaimable page cache as available
+        return psutil.virtual_memory().available
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def rank() -> int:
     """This process's rank under torchrun (from the environment before the process group
     starts); 0 when not distributed."""
