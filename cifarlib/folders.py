@@ -34,6 +34,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import imagecache, runtime, sources
@@ -230,7 +231,8 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
     picked = pick_splits(listing.splits["train"], listing.splits.get("val"), listing.splits.get("test", none),
                          val_fraction, seed, max_train_samples, max_eval_samples)
     picked = {name: s if name in splits else none for name, s in zip(SPLITS, picked)}
-    files = torch.cat([s.images for s in picked.values()]).unique()
+    # numpy's unique: torch's parallel sort of a vector this small crawls on a CPU shared with others
+    files = torch.from_numpy(np.unique(torch.cat([s.images for s in picked.values()]).numpy()))
     _check_fits(len(files), store_size, dev)
     if listing.skipped:
         notice(f"{len(listing.skipped)} file(s) outside the class folders are ignored: "

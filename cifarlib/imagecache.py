@@ -206,8 +206,10 @@ def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], pick
     at = {p: k for k, p in enumerate(cache.paths)}
     entries = [at[paths[i]] for i in picked]
     rows = torch.tensor([cache.rows[k] for k in entries], dtype=torch.int64)
-    out = torch.zeros((len(picked), 3, store_size, store_size), dtype=torch.uint8)
-    out[rows >= 0] = cache.images[rows[rows >= 0]]
+    if len(cache.images):  # one gather; a failed file's row is a stand-in, dropped by the caller
+        out = cache.images.index_select(0, rows.clamp_min(0))
+    else:
+        out = torch.zeros((len(picked), 3, store_size, store_size), dtype=torch.uint8)
     why = [cache.reasons[k] for k in entries]
     bad = [paths[i] for i, w in zip(picked, why) if w]
     if bad:
