@@ -50,8 +50,11 @@ LAYOUT = "train/<class>/... (with optional val/ and test/) or <class>/..."
 
 def _visible(folder: str | Path) -> list[os.DirEntry]:
     """The entries of `folder` that count, sorted by name."""
-    with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".") and e.name != "__MACOSX"), key=lambda e: e.name)
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".") and e.name != "__MACOSX"), key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder} ({e.strerror or e}).") from None
 
 
 def unwrap(folder: Path) -> Path:
