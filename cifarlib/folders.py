@@ -216,6 +216,22 @@ def _check_fits(n: int, size: int, device: torch.device) -> None:
                         "store_size, or pick fewer images with max_train_samples (and max_eval_samples).")
 
 
+def _usable(listing: Listing, name: str, split: Split, files: torch.Tensor, images: torch.Tensor,
+            reasons: list[str]) -> Split:
+    """The images of split `name` (file indices and labels) whose files decoded; `images` and
+    `reasons` are those of `files`. A class whose picked files all failed is an error."""
+    row = torch.full((len(listing.paths),), -1, dtype=torch.int64)
+    row[files] = torch.arange(len(files))
+    keep = torch.tensor([not reasons[r] for r in row[split.images].tolist()], dtype=torch.bool)
+    had, has = (torch.bincount(labels, minlength=len(listing.classes)) for labels in (split.labels, split.labels[keep]))
+    lost = ((had > 0) & (has == 0)).nonzero().flatten().tolist()
+    if lost:
+        folder = listing.folders.get(name, listing.folders["train"]) / listing.classes[lost[0]]
+        raise UserError(f"the class folder {folder} has no usable image: none of the {int(had[lost[0]])} file(s) "
+                        f"picked from it for the {name} split decodes (see the skipped files above).")
+    return Split(images[row[split.images[keep]]], split.labels[keep])
+
+
 def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_size: int = 32,
                 val_fraction: float = 0.1, seed: int = 0, max_train_samples: int | None = None,
                 max_eval_samples: int | None = None, splits: tuple[str, ...] = SPLITS,
@@ -243,20 +259,7 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
     with runtime.main_process_first():
         images, reasons = imagecache.load(listing.root, listing.paths, listing.sizes, listing.mtimes,
                                           files.tolist(), store_size, cache, may_write=runtime.is_main_process())
-    row = torch.full((len(listing.paths),), -1, dtype=torch.int64)
-    row[files] = torch.arange(len(files))
-    usable = torch.tensor([not r for r in reasons], dtype=torch.bool)
-    out = {}
-    for name, s in picked.items():
-        keep = usable[row[s.images]]
-        out[name] = Split(images[row[s.images[keep]]], s.labels[keep])
-        lost = (torch.bincount(s.labels, minlength=len(listing.classes)) > 0) & \
-               (torch.bincount(s.labels[keep], minlength=len(listing.classes)) == 0)
-        if lost.any():
-            c = int(lost.nonzero()[0])
-            folder = listing.folders.get(name, listing.folders["train"]) / listing.classes[c]
-            raise UserError(f"the class folder {folder} has no usable image: none of the {int((s.labels == c).sum())} "
-                            f"file(s) picked from it for the {name} split decodes (see the skipped files above).")
+    out = {name: _usable(listing, name, split, files, images, reasons) for name, split in picked.items()}
     failed = [f"{listing.paths[i]}: {r}" for i, r in zip(files.tolist(), reasons) if r]
     data = CifarData("folder", listing.root, listing.classes, None, out["train"], out["val"], out["test"],
                      skipped=tuple(listing.skipped + failed))
