@@ -119,7 +119,8 @@ def _load_data(ckpt: dict[str, Any], split: str, data_dir: str | None, cache_dir
     """The checkpoint's dataset, with the splits `split` may need (a folder decodes only those)."""
     cfg = ckpt["config"]
     data = load_cifar(ckpt["dataset"], data_dir or cfg.get("data_dir", "data"), val_fraction=cfg["val_fraction"],
-                      seed=cfg["seed"], store_size=ckpt.get("store_size", 32), cache_dir=cache_dir or cfg.get("cache_dir", "data"),
+                      seed=cfg["seed"], store_size=ckpt.get("store_size", 32),
+                      cache_dir=cache_dir or cfg.get("cache_dir", "data"),
                       splits=("val", "test") if split == "auto" else (split,), **kw)
     if ckpt["dataset"] == "folder" and data.classes != list(ckpt["classes"]):  # a folder can change
         raise UserError(f"the classes in {data.folder} differ from the checkpoint's; evaluate it on the data it "
