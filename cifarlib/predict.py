@@ -57,7 +57,8 @@ class Predictor:
         single = not isinstance(images, (list, tuple))
         if not single and not images:
             raise UserError("no pictures given.")
-        batch = torch.stack([cifar_like(im, self.store_size) for im in ([images] if single else images)]).to(self.device)
+        pictures = [images] if single else images
+        batch = torch.stack([cifar_like(im, self.store_size) for im in pictures]).to(self.device)
         probs = self.model(evaluation_inputs(batch, self.size, self.mean, self.std)).float().softmax(1).cpu()
         values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
         out = [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
