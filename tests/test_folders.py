@@ -326,6 +326,19 @@ def test_evaluating_a_folder_run_uses_its_own_data_and_says_which_split(trained_
     assert json.loads((best.parent / "metrics.json").read_text())["split"] == "val"
 
 
+def test_notebook_04_finds_the_folder_from_the_checkpoint_and_says_it_evaluates_val(trained_on_folder, tmp_path):
+    import nbformat
+    import papermill as pm
+    _, best = trained_on_folder
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "04_evaluate.ipynb"
+    pm.execute_notebook(str(notebook), str(tmp_path / "04.ipynb"), kernel_name="python3", progress_bar=False,
+                        parameters={"checkpoint": str(best), "device": "cpu", "tta": False})
+    text = "".join(o.get("text", "") for c in nbformat.read(tmp_path / "04.ipynb", as_version=4).cells
+                   for o in c.get("outputs", []))
+    assert "6 val images (this data has no test split, so: the validation split)" in text
+    assert json.loads((best.parent / "metrics.json").read_text())["split"] == "val"
+
+
 def test_a_folder_whose_classes_changed_is_refused_showing_both_lists(trained_on_folder, tmp_path):
     root, best = trained_on_folder
     moved = tmp_path / "photos"
