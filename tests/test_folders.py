@@ -172,10 +172,12 @@ def test_a_cache_that_cannot_be_written_costs_a_notice_not_the_data(tmp_path, ca
 
 
 def pack(folder: Path, archive: Path, arcname: str) -> Path:
-    if archive.suffix == ".zip":
+    if archive.suffix == ".zip":  # as macOS writes them, with a __MACOSX/ folder of ._ files beside
         with zipfile.ZipFile(archive, "w") as zf:
             for f in sorted(folder.rglob("*")):
                 zf.write(f, f"{arcname}/{f.relative_to(folder)}")
+                if f.is_file():
+                    zf.writestr(f"__MACOSX/{arcname}/{f.parent.relative_to(folder)}/._{f.name}", b"\0\5\26\7")
     else:
         with tarfile.open(archive, "w:gz" if archive.name.endswith("gz") else "w") as tf:
             tf.add(folder, arcname)
