@@ -75,7 +75,8 @@ def extract_archive(archive: Path, cache_dir: Path, may_write: bool = True) -> P
     st = archive.stat()
     final = cache_dir / "extracted" / f"{ARCHIVE.sub('', archive.name)}-{imagecache.digest(str(archive.resolve()))}"
     stamp = f"{archive.resolve()}\n{st.st_size} {st.st_mtime_ns}\n"
-    if (final / STAMP).is_file() and (final / STAMP).read_text() == stamp:
+    current = lambda: (final / STAMP).is_file() and (final / STAMP).read_text() == stamp  # noqa: E731
+    if current():
         return final
     if not may_write:
         raise UserError(f"{archive} is not extracted in {final.parent}: the main process (rank 0) did not provide it.")
@@ -93,9 +94,10 @@ def extract_archive(archive: Path, cache_dir: Path, may_write: bool = True) -> P
                 for member in tf:
                     tf.extract(member, tmp, **safe)
         (tmp / STAMP).write_text(stamp)
-        if final.exists():
-            shutil.rmtree(final)  # an older extraction of a changed archive
-        sources.move_into_place(tmp, final)
+        if not current():  # else another process has just extracted it: keep theirs
+            if final.exists():
+                shutil.rmtree(final)  # an older extraction of a changed archive
+            sources.move_into_place(tmp, final)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise UserError(f"{archive} is truncated, corrupt or not a {LAYOUT} archive ({e}); "
                         "nothing was extracted.") from None
