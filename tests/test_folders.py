@@ -81,7 +81,8 @@ def test_a_folder_of_mixed_files_loads_decodes_and_skips_what_it_must(mixed, tmp
     assert (images[labels == 1] - torch.tensor(BLUE).view(1, 3, 1, 1)).abs().amax() < 16
     assert sorted(s.split(":")[0] for s in d.skipped) == ["train/cat/broken.jpg", "train/cat/notes.txt"]
     err = capfd.readouterr().err
-    assert "2 of the 12 picked files are not usable images" in err and ".DS_Store" not in err
+    assert "2 of the 12 picked files are not usable images and are skipped: train/cat/broken.jpg, " \
+           "train/cat/notes.txt (the full list, with reasons: " in err and ".DS_Store" not in err
     listed = next((tmp_path / "cache" / "image-cache").glob("*.skipped.txt")).read_text()
     assert "train/cat/broken.jpg\t" in listed and "train/cat/notes.txt\t" in listed and "DS_Store" not in listed
 
