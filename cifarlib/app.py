@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from .errors import UserError
 from .predict import Prediction, Predictor
-from .preprocess import CIFAR_SIZE, _to_rgb, cifar_like
+from .preprocess import _to_rgb, cifar_like
 
 ACCEPT = ".jpg,.jpeg,.png,.webp"
 MAX_BYTES = 20_000_000  # larger files are refused on their size, before any decoding
@@ -39,7 +39,7 @@ def _png(img: Image.Image) -> bytes:
 
 def stored_image(picture, size: int) -> Image.Image:
     """The picture as the model sees it: made CIFAR-like, at the checkpoint's stored size."""
-    x = cifar_like(picture) if size == CIFAR_SIZE else cifar_like(picture, size)
+    x = cifar_like(picture, size)
     return Image.fromarray(x.permute(1, 2, 0).numpy())
 
 
@@ -48,7 +48,7 @@ class UploadApp:
 
     def __init__(self, predictor: Predictor, top_k: int = 5):
         self.predictor, self.top_k = predictor, top_k
-        self.size = getattr(predictor, "store_size", CIFAR_SIZE)  # the size its images were stored at
+        self.size = predictor.store_size  # the size its images were stored at (32 for CIFAR)
         self.upload = widgets.FileUpload(accept=ACCEPT, multiple=True, description="Pictures")
         self.results = widgets.VBox()
         self.upload.observe(self._on_upload, names="value")

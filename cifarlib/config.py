@@ -59,8 +59,10 @@ class Config:
     """Everything a run needs. The names match the notebook's parameters and the CLI's keys."""
     preset: str = "original"      # the recipe: "original", "fast" or "cpu"
     epochs: int = 100             # total epochs; the stages share them in proportion
-    dataset: str = "cifar100"     # "cifar100", "cifar10" or "synthetic"
-    data_dir: str = "data"        # relative paths are from the project root
+    dataset: str = "cifar100"     # "cifar100", "cifar10", "synthetic" or "folder" (your pictures)
+    data_dir: str = "data"        # relative paths are from the project root; for "folder", your pictures
+    store_size: int = 32          # "folder": pixels each picture is stored at on the device (CIFAR is 32)
+    cache_dir: str = "data"       # "folder": where archives are extracted and decoded pictures cached
     verify_checksums: bool = True
     backbone: str = "resnet50"    # any torchvision or timm model name
     weights: str = "imagenet"     # "imagenet", "none", or a path to a state_dict file
@@ -165,7 +167,7 @@ def make_config(preset: str = "original", **overrides) -> Config:
     for key, value in values.items():
         if key != "stages":
             values[key] = _check_type(key, value, hints[key])
-    for key in ("epochs", "batch_size", "eval_batch_size", "image_size", "accum_steps", "patience"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "image_size", "accum_steps", "patience", "store_size"):
         if values.get(key, 1) < 1:
             raise UserError(f"{key} must be at least 1, not {values[key]}.")
     if not 0 < values.get("val_fraction", 0.1) < 1:

@@ -1,12 +1,13 @@
-"""CIFAR-100 / CIFAR-10 as device-resident uint8 tensors, split and batched without workers.
+"""CIFAR-100 / CIFAR-10 (or a folder of your pictures) as device-resident uint8 tensors, split
+and batched without workers.
 
-    data = load_cifar("cifar100", "data")          # or "cifar10", or "synthetic"
+    data = load_cifar("cifar100", "data")          # or "cifar10", "synthetic", "folder"
     data.train.images   # (45000, 3, 32, 32) uint8 on the training device
     for images, labels in Batches(data.train, 256, shuffle=True, drop_last=True).epoch(0): ...
 
 The validation split is cut from the official training set before any augmentation, stratified
 and seeded; it is evaluated with the same preprocessing as the test set. `python -m cifarlib.data`
-fetches and checks the data ahead of time.
+fetches and checks the data ahead of time. Image folders are read by `cifarlib.folders`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import torch
 from . import runtime, sources, synthetic
 from .errors import UserError, cli_errors
 
-DATASETS = ("cifar100", "cifar10", "synthetic")
+DATASETS = ("cifar100", "cifar10", "synthetic", "folder")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images (N, 3, 32, 32) uint8, fine labels (N,) int64 and, for CIFAR-100, coarse labels."""
+    """Images (N, 3, S, S) uint8 (S = 32 for CIFAR), fine labels (N,) int64 and, for CIFAR-100,
+    coarse labels."""
     images: torch.Tensor
     labels: torch.Tensor
     coarse_labels: torch.Tensor | None = None
@@ -47,7 +50,7 @@ class Split:
 
 @dataclass(frozen=True)
 class CifarData:
-    name: str                      # "cifar100", "cifar10" or "synthetic"
+    name: str                      # "cifar100", "cifar10", "synthetic" or "folder"
     folder: Path                   # the extracted folder the files were read from
     classes: list[str]
     superclasses: list[str] | None  # None for CIFAR-10
@@ -55,6 +58,7 @@ class CifarData:
     val: Split
     test: Split
     fine_to_coarse: torch.Tensor | None = field(default=None, repr=False)  # (num_classes,)
+    skipped: tuple[str, ...] = field(default=(), repr=False)  # image folders: "path: reason"
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +160,17 @@ def _cap(split: Split, n: int | None, seed: int) -> Split:
     return split.subset(stratified_pick(split.labels, n, torch.Generator().manual_seed(seed)))
 
 
+def pick_splits(full_train: Split, val: Split | None, test: Split, val_fraction: float, seed: int,
+                max_train_samples: int | None, max_eval_samples: int | None) -> tuple[Split, Split, Split]:
+    """Training, validation and test splits: validation cut from `full_train` unless given, then
+    each split capped. Image folders pick their files with this too, before decoding them."""
+    train = full_train
+    if val is None:
+        train, val = split_train_val(full_train, val_fraction, seed)
+    return (_cap(train, max_train_samples, seed + 1), _cap(val, max_eval_samples, seed + 2),
+            _cap(test, max_eval_samples, seed + 3))
+
+
 def _check_args(dataset: str, val_fraction: float, caps: dict[str, int | None]) -> None:
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
@@ -177,7 +192,8 @@ def resolve_dataset(dataset: str, data_dir: str | Path = "data") -> str:
 def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
                val_fraction: float = 0.1, seed: int = 0, max_train_samples: int | None = None,
                max_eval_samples: int | None = None, verify_checksums: bool = True,
-               download: bool = True, device: str | torch.device = "auto") -> CifarData:
+               download: bool = True, device: str | torch.device = "auto", store_size: int = 32,
+               cache_dir: str | Path = "data", splits: tuple[str, ...] = SPLITS) -> CifarData:
     """Load a dataset, split off validation, cap the splits, and move everything to `device`.
 
     `data_dir` follows the path rule of `cifarlib.runtime`. Sources are tried in order: the
@@ -185,9 +201,21 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
     writes a small CIFAR-100-layout dataset to `data_dir/synthetic/` once and reads it back.
     `max_train_samples` caps the training split, `max_eval_samples` the validation and test
     splits, each stratified where the count allows. Under torchrun only rank 0 writes files.
+
+    "folder" reads your pictures from `data_dir` (a folder, or an archive of one, extracted
+    into `cache_dir`), decoded at `store_size` and cached in `cache_dir`; only the `splits`
+    named are decoded, the others come back empty. See `cifarlib.folders`.
     """
     _check_args(dataset, val_fraction, {"max_train_samples": max_train_samples,
                                         "max_eval_samples": max_eval_samples})
+    if dataset == "folder":
+        from .folders import load_folder  # it builds on this module
+        return load_folder(data_dir, cache_dir=cache_dir, store_size=store_size, val_fraction=val_fraction,
+                           seed=seed, max_train_samples=max_train_samples,
+                           max_eval_samples=max_eval_samples, splits=splits, device=device)
+    if store_size != 32:
+        raise UserError(f"store_size={store_size!r} applies to dataset='folder'; {dataset} images are "
+                        "32 px. Leave store_size at 32 (image_size sets the model's input size).")
     root = runtime.resolve_path(data_dir)
     src = sources.SOURCES["cifar10" if dataset == "cifar10" else "cifar100"]
     with runtime.main_process_first():
@@ -217,9 +245,7 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
         fine_to_coarse = torch.zeros(len(classes), dtype=torch.int64)
         fine_to_coarse[full_train.labels] = full_train.coarse_labels
 
-    train, val = split_train_val(full_train, val_fraction, seed)
-    train = _cap(train, max_train_samples, seed + 1)
-    val, test = _cap(val, max_eval_samples, seed + 2), _cap(test, max_eval_samples, seed + 3)
+    train, val, test = pick_splits(full_train, None, test, val_fraction, seed, max_train_samples, max_eval_samples)
     data = CifarData(dataset, folder, classes, superclasses, train, val, test, fine_to_coarse)
     return data.to(runtime.pick_device(device))
 
@@ -272,7 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cifarlib.data",
                                 description="Find, extract or download a dataset, check it, and summarise it.")
     p.add_argument("--dataset", default="cifar100", choices=DATASETS)
-    p.add_argument("--data-dir", default="data", help="relative paths are from the project root")
+    p.add_argument("--data-dir", default="data", help="relative paths are from the project root; for "
+                   "--dataset folder, a folder of pictures or a .tar, .tar.gz or .zip of one")
+    p.add_argument("--store-size", type=int, default=32, help="folder: pixels each image is stored at")
+    p.add_argument("--cache-dir", default="data", help="folder: where archives are extracted and images cached")
     p.add_argument("--no-verify", action="store_true", help="skip the official MD5 checksums")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -281,10 +310,13 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors(p.prog):
         d = load_cifar(args.dataset, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
                        verify_checksums=not args.no_verify, download=not args.no_download,
-                       device="cpu")
+                       device="cpu", store_size=args.store_size, cache_dir=args.cache_dir)
         print(f"{d.name}: {d.num_classes} classes from {d.folder}")
-        for name in ("train", "val", "test"):
+        for name in SPLITS:
             print(f"  {name:5s} {len(getattr(d, name)):6d} images")
+        if d.name == "folder":
+            print(f"classes: {', '.join(d.classes)}")
+            print(f"skipped {len(d.skipped)} file(s)" + "".join(f"\n  {s}" for s in d.skipped))
 
 
 if __name__ == "__main__":

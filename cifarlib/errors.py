@@ -3,7 +3,8 @@
 Code raises `UserError` for mistakes a user can fix (missing data, a bad config, a corrupt file).
 Command-line entry points wrap their body in `cli_errors()`, which prints the message and exits
 non-zero; notebooks call `show_errors_briefly()` once, after which IPython shows a `UserError` as
-its message alone. Any other exception is a bug and keeps its full traceback.
+its message alone. Any other exception is a bug and keeps its full traceback. `notice()` says
+something worth knowing that is not an error (a cache rebuilt, files skipped).
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from contextlib import contextmanager
 
 class UserError(Exception):
     """A problem the user can fix; its message says what happened and how to fix it."""
+
+
+def notice(message: str) -> None:
+    """One line on stderr, from the main process only (under torchrun, rank 0)."""
+    from .runtime import is_main_process
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -3,6 +3,9 @@
     ev = evaluate_checkpoint("checkpoints/my-run/best.pt", split="test", tta=True)
     ev.metrics["top1"], ev.metrics["superclass_top1"], ev.metrics["ece"]
 
+The data, its split and the picture size come from the checkpoint: for a run on your own pictures
+(`dataset="folder"`), its `data_dir`, `cache_dir` and `store_size`, unless others are given.
+`split="auto"` is the test split, or the validation split for a folder without `test/`.
 Everything reported is written to `metrics.json` beside the checkpoint. Top-level keys
 (accuracies as fractions): `top1`, `top5`, `loss`, `superclass_top1` (CIFAR-100 only), `ece`,
 `tta_top1` (when horizontal-flip test-time augmentation ran), `checkpoint`, `split`, `samples`,
@@ -112,18 +115,37 @@ class Evaluation:
     folder: Path                   # where metrics.json and the figures go
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_dir: str = "data",
+def _load_data(ckpt: dict[str, Any], split: str, data_dir: str | None, cache_dir: str | None, **kw):
+    """The checkpoint's dataset, with the splits `split` may need (a folder decodes only those)."""
+    cfg = ckpt["config"]
+    data = load_cifar(ckpt["dataset"], data_dir or cfg.get("data_dir", "data"), val_fraction=cfg["val_fraction"],
+                      seed=cfg["seed"], store_size=ckpt.get("store_size", 32),
+                      cache_dir=cache_dir or cfg.get("cache_dir", "data"),
+                      splits=("val", "test") if split == "auto" else (split,), **kw)
+    if ckpt["dataset"] == "folder" and data.classes != list(ckpt["classes"]):  # a folder can change
+        raise UserError(f"the classes in {data.folder} differ from the checkpoint's; evaluate it on the data it "
+                        f"was trained on.\n  the checkpoint's: {', '.join(ckpt['classes'])}\n"
+                        f"  the data's:       {', '.join(data.classes)}")
+    if split == "test" and not len(data.test):
+        raise UserError(f"{data.folder} has no test/ folder, so there is no test split: evaluate on the "
+                        "validation split with split=\"val\" (or split=\"auto\").")
+    return data
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_dir: str | None = None,
                         verify_checksums: bool = True, tta: bool = False, device: str = "auto",
-                        max_samples: int | None = None) -> Evaluation:
-    """Evaluate a checkpoint on `split` ("test" or "val") of the data it was trained on."""
-    if split not in ("test", "val"):
-        raise UserError(f"split must be 'test' or 'val', not {split!r}.")
+                        max_samples: int | None = None, cache_dir: str | None = None) -> Evaluation:
+    """Evaluate a checkpoint on `split` ("test", "val", or "auto": test if the data has one,
+    else val) of the data it was trained on: `data_dir` (None: the checkpoint's own)."""
+    if split not in ("test", "val", "auto"):
+        raise UserError(f"split must be 'test', 'val' or 'auto', not {split!r}.")
     path = runtime.resolve_path(checkpoint)
     dev = runtime.pick_device(device)
     model, ckpt = from_checkpoint(path, dev)
-    cfg = ckpt["config"]
-    data = load_cifar(ckpt["dataset"], data_dir, val_fraction=cfg["val_fraction"], seed=cfg["seed"],
-                      max_eval_samples=max_samples, verify_checksums=verify_checksums, device=dev)
+    data = _load_data(ckpt, split, data_dir, cache_dir, max_eval_samples=max_samples,
+                      verify_checksums=verify_checksums, device=dev)
+    if split == "auto":
+        split = "test" if len(data.test) else "val"
     part = getattr(data, split)
     args = (model, part, ckpt["image_size"], ckpt["mean"], ckpt["std"])
     probs = predict_split(*args)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import runtime
 from .errors import UserError
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report
@@ -89,7 +89,8 @@ def device_memory(device: torch.device) -> str:
         return f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
     if device.type == "mps":
         return f"{torch.mps.recommended_max_memory() / 2**30:.1f} GiB" if hasattr(torch.mps, "recommended_max_memory") else "its"
-    return f"{available_memory() / 2**30:.1f} GiB available" if available_memory() else "its"
+    have = runtime.available_memory(device)
+    return f"{have / 2**30:.1f} GiB available" if have else "its"
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -104,21 +105,6 @@ def out_of_memory_error(device: torch.device, batch_size: int, accum_steps: int,
         f"image_size={image_size}. Remedies: batch_size={half} with accum_steps={accum_steps * batch_size // half} "
         f"keeps the recipe (the same images per optimizer step), or a smaller image_size. Nothing already "
         "saved is lost: best.pt and last.pt hold the last saved state.")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def step_memory(model: nn.Module, image_size: int, batch_size: int, optimizer_states: int = 2) -> int:
@@ -157,7 +143,7 @@ def step_memory(model: nn.Module, image_size: int, batch_size: int, optimizer_st
 def warn_if_too_big(model: nn.Module, image_size: int, batch_size: int, accum_steps: int) -> int | None:
     """On the CPU, before training: warn (training still starts) when a step will likely need
     more memory than is available. Returns the estimate in bytes."""
-    need, have = step_memory(model, image_size, batch_size), available_memory()
+    need, have = step_memory(model, image_size, batch_size), runtime.available_memory(torch.device("cpu"))
     if have is not None and need > have:
         half = max(1, batch_size // 2)
         print(f"warning: a training step at batch_size={batch_size}, image_size={image_size} needs about "

@@ -78,9 +78,9 @@ def plot_balance(table: pd.DataFrame):
 
 
 def channel_stats(d: CifarData) -> pd.DataFrame:
-    """Per-channel mean and std of each split, as fractions of 255."""
+    """Per-channel mean and std of each split that has images, as fractions of 255."""
     rows = {}
-    for name in ("train", "val", "test"):
+    for name in (n for n in ("train", "val", "test") if len(getattr(d, n))):  # a folder may have no test/
         x = getattr(d, name).images.float() / 255
         for c, channel in enumerate("RGB"):
             rows[(name, channel)] = {"mean": x[:, c].mean().item(), "std": x[:, c].std().item()}

@@ -4,8 +4,10 @@
     p.predict("cat.jpg").top          # [("leopard", 0.41), ("tiger", 0.22), ...]
 
 Class names, normalisation and image size come from the checkpoint (read with
-`torch.load(weights_only=True)`). Each picture is made CIFAR-like by `cifarlib.preprocess.cifar_like`
-and then takes the evaluation path, on the GPU when there is one.
+`torch.load(weights_only=True)`). Each picture is brought by `cifarlib.preprocess.cifar_like` to
+the size the model's training images were stored at (the checkpoint's `store_size`, or 32 when
+it has none, as in older checkpoints) and then takes the evaluation path, on the GPU when there
+is one.
 
     python -m cifarlib.predict CHECKPOINT IMAGE [IMAGE ...] [--top-k 5]
 """
@@ -21,7 +23,7 @@ import torch
 from . import runtime
 from .errors import UserError, cli_errors
 from .model import from_checkpoint
-from .preprocess import cifar_like, evaluation_inputs
+from .preprocess import CIFAR_SIZE, cifar_like, evaluation_inputs
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Predictor:
         self.classes, self.superclasses = checkpoint["classes"], checkpoint["superclasses"]
         self.fine_to_coarse = checkpoint["fine_to_coarse"]
         self.mean, self.std, self.size = checkpoint["mean"], checkpoint["std"], checkpoint["image_size"]
+        self.store_size = checkpoint.get("store_size", CIFAR_SIZE)  # pictures are made this size first
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto") -> Predictor:
@@ -54,7 +57,8 @@ class Predictor:
         single = not isinstance(images, (list, tuple))
         if not single and not images:
             raise UserError("no pictures given.")
-        batch = torch.stack([cifar_like(im) for im in ([images] if single else images)]).to(self.device)
+        pictures = [images] if single else images
+        batch = torch.stack([cifar_like(im, self.store_size) for im in pictures]).to(self.device)
         probs = self.model(evaluation_inputs(batch, self.size, self.mean, self.std)).float().softmax(1).cpu()
         values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
         out = [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],

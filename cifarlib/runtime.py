@@ -105,6 +105,30 @@ def setup_distributed(device: str = "auto") -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: a CUDA GPU's free memory, else the host's
+    available RAM (which an Apple GPU shares); None if it can't be known."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil  # installed with jupyter; counts reclaimable page cache as available
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:  # Linux's MemAvailable: the same count
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def rank() -> int:
     """This process's rank under torchrun (from the environment before the process group
     starts); 0 when not distributed."""

@@ -105,10 +105,10 @@ def move_into_place(tmp: Path, final: Path) -> None:
             raise
 
 
-def _disk_full(e: OSError, path: Path) -> UserError | None:
+def _disk_full(e: OSError, path: Path, setting: str = "data_dir") -> UserError | None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"no space left on the disk while writing {path}; nothing was kept. "
-                         "Free some space, or choose another data_dir.")
+                         f"Free some space, or choose another {setting}.")
     return None
 
 

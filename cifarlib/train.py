@@ -107,7 +107,7 @@ def prepare(cfg: Config) -> Run:
         path = checkpoints.prepare_run_dir(cfg.run_name, resume=True, overwrite=False, root=cfg.checkpoint_dir)
         saved = checkpoints.load(path / "last.pt")
         # the run's own recipe; where things are and what runs them may have changed
-        keep = {k: getattr(cfg, k) for k in ("device", "compile", "data_dir", "checkpoint_dir", "verify_checksums")}
+        keep = {k: getattr(cfg, k) for k in ("device", "compile", "data_dir", "cache_dir", "checkpoint_dir", "verify_checksums")}
         cfg = replace(from_dict(saved["config"]), resume=True, **keep)
     else:
         name = [cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)]
@@ -118,10 +118,14 @@ def prepare(cfg: Config) -> Run:
     device = runtime.pick_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    model = build_model(cfg.backbone, num_classes=100 if cfg.dataset != "cifar10" else 10, weights="none" if saved else cfg.weights)
     data = load_cifar(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
-                      verify_checksums=cfg.verify_checksums, device=device)
+                      verify_checksums=cfg.verify_checksums, device=device, store_size=cfg.store_size,
+                      cache_dir=cfg.cache_dir)
+    if saved and list(saved["classes"]) != data.classes:
+        raise UserError(f"cannot resume: the classes in {data.folder} are no longer the run's.\n"
+                        f"  the run's:  {', '.join(saved['classes'])}\n  the data's: {', '.join(data.classes)}")
+    model = build_model(cfg.backbone, num_classes=data.num_classes, weights="none" if saved else cfg.weights)
     path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
     model.to(device, memory_format=runtime.memory_format(device))
     mean, std = normalization(cfg.backbone)
@@ -149,6 +153,7 @@ def _checkpoint(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[str,
             "classes": list(d.classes), "superclasses": d.superclasses,
             "fine_to_coarse": None if d.fine_to_coarse is None else d.fine_to_coarse.tolist(),
             "mean": list(run.aug.mean), "std": list(run.aug.std), "image_size": run.cfg.image_size,
+            "store_size": run.cfg.store_size,
             "config": to_dict(run.cfg), "model": model_state, "history": list(run.history), **extra}
 
 

@@ -114,3 +114,16 @@ def test_truncated_image_is_a_clear_error():
 def test_float_arrays_are_taken_as_zero_to_one():
     out = cifar_like(np.full((10, 10, 3), 0.5, dtype=np.float32))
     assert (out.float() - 127.5).abs().max() <= 1
+
+
+def test_any_store_size_and_big_jpegs_decoded_at_a_reduced_scale_look_the_same():
+    # a smooth 1200x900 photo-like gradient: the reduced-scale JPEG decode must not show
+    y, x = np.mgrid[0:900, 0:1200]
+    a = np.stack([x * 255 // 1200, y * 255 // 900, (x + y) * 255 // 2100], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=95)
+    drafted = cifar_like(buf.getvalue(), 64)  # from the file: decoded at 1/4 scale, 300x225
+    full = cifar_like(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 64)  # fully decoded first
+    assert drafted.shape == full.shape == (3, 64, 64)
+    assert (drafted.float() - full.float()).abs().mean() < 2
+    assert cifar_like(rgb_image(50, 40), 96).shape == (3, 96, 96)

@@ -1,0 +1,220 @@
+"""Image files decoded once, at `store_size`, into one uint8 tensor, and cached under `cache_dir`.
+
+`load(root, paths, sizes, mtimes, picked, store_size, cache_dir)` gives the picked files' images
+(N, 3, S, S) and, per file, why it could not be used ("" when it could). Each file goes through
+`cifarlib.preprocess.cifar_like` at `store_size` (EXIF rotation, any mode to 8-bit RGB,
+transparency on white, shorter side resized, centre cropped square): the rule for a user's
+picture, so a photo is later shown to the model as its training images were.
+
+The cache, `cache_dir/image-cache/<folder>-<hash>-<S>px.pt`, holds per file its path (relative
+to the dataset's folder), size, modification time, and its image or why it failed. A picked file
+is decoded only when the cache has no entry of that path, size and time; entries of files gone
+or changed are dropped. It is written through a temporary file and a rename, read with
+`weights_only=True` and memory-mapped (a cached load reads only the rows it needs); a cache from
+another version, or a damaged one, is rebuilt with a notice. The failed files are listed beside
+it, in `<cache>.skipped.txt`.
+
+Decoding runs in a pool of one thread per core: PIL decodes and resizes outside the GIL, and
+threads need no process fork (unsafe in a notebook kernel once torch has started its threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import runtime
+from .errors import UserError, notice
+from .preprocess import cifar_like
+
+VERSION = 1
+SHOWN = 5  # failed files named in the notice; all of them are in the .skipped.txt list
+
+
+def digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def cache_file(root: Path, store_size: int, cache_dir: Path) -> Path:
+    return cache_dir / "image-cache" / f"{root.name}-{digest(str(root))}-{store_size}px.pt"
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def decode(files: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
+    """Images (N, 3, size, size) of `files` and, per file, why it failed ("" if it did not)."""
+    n, threads = len(files), cores()
+    images = torch.zeros((n, 3, size, size), dtype=torch.uint8)
+    reasons = [""] * n
+    step = max(1, min(256, n // (8 * threads)))
+
+    def work(start: int) -> int:
+        end = min(start + step, n)
+        for i in range(start, end):
+            try:
+                image = cifar_like(files[i], size)
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file makes PIL raise, it is skipped
+                reasons[i] = str(e) if isinstance(e, UserError) else f"not a usable image ({type(e).__name__}: {e})"
+            else:
+                images[i] = image
+        return end - start
+
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    try:
+        with tqdm(total=n, unit="img", desc=f"decoding at {size} px", disable=not runtime.is_main_process()) as bar:
+            for done in pool.map(work, range(0, n, step)):
+                bar.update(done)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after Ctrl-C, don't decode the rest first
+    seconds = max(time.perf_counter() - start, 1e-9)
+    notice(f"decoded {n:,} files in {seconds:.1f} s: {n / seconds:,.0f} images/s on {threads} threads")
+    return images, reasons
+
+
+@dataclass
+class Cache:
+    paths: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    rows: list[int]            # row in `images`, or -1 for a file that failed
+    reasons: list[str]         # why it failed, or ""
+    images: torch.Tensor       # (usable files, 3, S, S) uint8
+
+
+def _empty(size: int) -> Cache:
+    return Cache([], [], [], [], [], torch.zeros((0, 3, size, size), dtype=torch.uint8))
+
+
+def _read(path: Path, size: int) -> Cache | None:
+    """The cache at `path`, or None (with a notice) when it is from another version or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        c = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        notice(f"the image cache {path} is damaged ({type(e).__name__}); rebuilding it.")
+        return None
+    if not isinstance(c, dict) or c.get("version") != VERSION:
+        notice(f"the image cache {path} was written by another version of cifarlib; rebuilding it.")
+        return None
+    try:
+        n = len(c["sizes"])
+        cache = Cache(c["paths"].split("\0") if n else [], c["sizes"].tolist(), c["mtimes"].tolist(),
+                      c["rows"].tolist(), c["reasons"].split("\0") if n else [], c["images"])
+        rows = torch.tensor(cache.rows, dtype=torch.int64)
+        consistent = (c["store_size"] == size and cache.images.dtype == torch.uint8
+                      and tuple(cache.images.shape[1:]) == (3, size, size)
+                      and len(cache.paths) == len(cache.mtimes) == len(cache.reasons) == len(rows) == n
+                      and torch.equal(rows[rows >= 0].sort().values, torch.arange(len(cache.images)))
+                      and all((r < 0) == bool(why) for r, why in zip(cache.rows, cache.reasons)))
+    except (KeyError, AttributeError, TypeError, ValueError, RuntimeError):
+        consistent = False
+    if not consistent:
+        notice(f"the image cache {path} is damaged (its parts do not agree); rebuilding it.")
+        return None
+    return cache
+
+
+def _replace(path: Path, write) -> None:
+    """`write(f)` fills a temporary file beside `path`, which then replaces it. (Unlike
+    `checkpoints.write_atomically`, which takes bytes, this streams a tensor of gigabytes to disk
+    without a second copy in memory.)"""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; make it like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write(path: Path, c: Cache) -> None:
+    """Write the cache and its list of failed files; a failure to write costs only a notice."""
+    failed = "".join(f"{p}\t{why}\n" for p, why in zip(c.paths, c.reasons) if why)
+    record = {"version": VERSION, "store_size": c.images.shape[-1], "paths": "\0".join(c.paths),
+              "sizes": torch.tensor(c.sizes, dtype=torch.int64), "mtimes": torch.tensor(c.mtimes, dtype=torch.int64),
+              "rows": torch.tensor(c.rows, dtype=torch.int64), "reasons": "\0".join(c.reasons), "images": c.images}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, lambda f: torch.save(record, f))
+        if failed:
+            _replace(path.with_suffix(".skipped.txt"), lambda f: f.write(failed.encode()))
+        else:
+            path.with_suffix(".skipped.txt").unlink(missing_ok=True)
+    except OSError as e:  # a full disk, a read-only cache_dir: the images are here all the same
+        notice(f"could not write the image cache {path} ({e.strerror or e}); the images are used all the "
+               "same, and will be decoded again next time. Free some space, or choose another cache_dir.")
+
+
+def _merge(old: Cache, keep: list[int], paths: list[str], sizes: list[int], mtimes: list[int],
+           images: torch.Tensor, reasons: list[str]) -> Cache:
+    """The entries `keep` of `old`, then the newly decoded files."""
+    reasons_all = [old.reasons[j] for j in keep] + reasons
+    rows, n = [], 0
+    for why in reasons_all:
+        rows.append(-1 if why else n)
+        n += not why
+    old_rows = torch.tensor([old.rows[j] for j in keep if old.rows[j] >= 0], dtype=torch.int64)
+    ok = torch.tensor([not why for why in reasons], dtype=torch.bool)
+    return Cache([old.paths[j] for j in keep] + paths, [old.sizes[j] for j in keep] + sizes,
+                 [old.mtimes[j] for j in keep] + mtimes, rows, reasons_all,
+                 torch.cat([old.images[old_rows], images[ok]]))
+
+
+def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], picked: list[int],
+         store_size: int, cache_dir: Path, may_write: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Images (len(picked), 3, S, S) of the listed files `picked` (indices into `paths`, which
+    with `sizes` and `mtimes` list every file of the dataset at `root`), and why each failed."""
+    path = cache_file(root, store_size, cache_dir)
+    old = _read(path, store_size) or _empty(store_size)
+    where = {p: j for j, p in enumerate(old.paths)}
+
+    def cached(i: int) -> int | None:  # the old entry of listed file i, if it is still that file
+        j = where.get(paths[i])
+        return j if j is not None and old.sizes[j] == sizes[i] and old.mtimes[j] == mtimes[i] else None
+
+    todo = [i for i in picked if cached(i) is None]
+    keep = [j for j in map(cached, range(len(paths))) if j is not None]
+    cache = old
+    if todo or len(keep) != len(old.paths):
+        images, reasons = decode([os.path.join(root, paths[i]) for i in todo], store_size) if todo else \
+            (torch.zeros((0, 3, store_size, store_size), dtype=torch.uint8), [])
+        cache = _merge(old, keep, [paths[i] for i in todo], [sizes[i] for i in todo],
+                       [mtimes[i] for i in todo], images, reasons)
+        if may_write:
+            _write(path, cache)
+    at = {p: k for k, p in enumerate(cache.paths)}
+    entries = [at[paths[i]] for i in picked]
+    rows = torch.tensor([cache.rows[k] for k in entries], dtype=torch.int64)
+    if len(cache.images):  # one gather; a failed file's row is a stand-in, dropped by the caller
+        out = cache.images.index_select(0, rows.clamp_min(0))
+    else:
+        out = torch.zeros((len(picked), 3, store_size, store_size), dtype=torch.uint8)
+    why = [cache.reasons[k] for k in entries]
+    bad = [paths[i] for i, w in zip(picked, why) if w]
+    if bad:
+        listed = path.with_suffix(".skipped.txt")
+        notice(f"{len(bad):,} of the {len(picked):,} picked files are not usable images and are skipped: "
+               + ", ".join(bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
+               + (f" (the full list, with reasons: {listed})" if listed.is_file() else ""))
+    return out, why
