@@ -71,16 +71,27 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tu
 
 
 @torch.no_grad()
+def logits(model, images: torch.Tensor, image_size: int, mean, std, flip: bool = False) -> torch.Tensor:
+    """The one evaluation path, from uint8 images to float32 class scores: resize and normalise
+    (`evaluation_inputs`), then the model with the training path's precision and memory layout
+    (bf16 autocast and channels_last on CUDA). Validation, testing and prediction all call it."""
+    device = images.device
+    inputs = evaluation_inputs(images, image_size, mean, std).to(memory_format=runtime.memory_format(device))
+    autocast, _ = runtime.autocast(device)
+    with autocast:
+        return model(inputs.flip(-1) if flip else inputs).float()
+
+
+@torch.no_grad()
 def predict_split(model, split: Split, image_size: int, mean, std, batch_size: int = 256,
                   flip: bool = False) -> torch.Tensor:
     """Class probabilities for every image of `split` (averaged with its mirror image if `flip`)."""
     model.eval()
     out = []
     for x, _ in Batches(split, batch_size).epoch(0):
-        inputs = evaluation_inputs(x, image_size, mean, std)
-        p = model(inputs).float().softmax(1)
+        p = logits(model, x, image_size, mean, std).softmax(1)
         if flip:
-            p = (p + model(inputs.flip(-1)).float().softmax(1)) / 2
+            p = (p + logits(model, x, image_size, mean, std, flip=True).softmax(1)) / 2
         out.append(p.cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

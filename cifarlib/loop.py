@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import runtime
 from .config import Config, Stage
 from .data import Batches
-from .preprocess import evaluation_inputs
+from .evaluate import logits
 
 if TYPE_CHECKING:
     from .guard import StopSignals
@@ -202,17 +202,14 @@ def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> f
 
 @torch.no_grad()
 def validate(run: Run, model: nn.Module) -> tuple[float, float]:
-    """Loss and top-1 accuracy on the validation split, through the evaluation path."""
+    """Loss and top-1 accuracy on the validation split, through the one evaluation path."""
     model.eval()
     mean, std = run.aug.mean, run.aug.std
     loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
-    autocast, _ = runtime.autocast(run.device)
-    layout = runtime.memory_format(run.device)
     for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
-        with autocast:
-            logits = model(evaluation_inputs(x, run.cfg.image_size, mean, std).to(memory_format=layout)).float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        scores = logits(model, x, run.cfg.image_size, mean, std)
+        loss += F.cross_entropy(scores, y, reduction="sum")
+        correct += (scores.argmax(1) == y).sum()
         seen += len(y)
     total_loss, total_correct, count = world_sums(loss, correct, seen)
     return total_loss / max(count, 1), total_correct / max(count, 1)

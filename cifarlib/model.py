@@ -221,4 +221,5 @@ def from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         first = str(e).strip().splitlines()
         raise UserError(f"{path} does not hold {ckpt['backbone']} weights as it claims: "
                         f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
-    return model.to(device).eval(), ckpt
+    device = torch.device(device)
+    return model.to(device, memory_format=runtime.memory_format(device)).eval(), ckpt

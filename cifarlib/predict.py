@@ -23,7 +23,8 @@ import torch
 from . import runtime
 from .errors import UserError, cli_errors
 from .model import from_checkpoint
-from .preprocess import CIFAR_SIZE, cifar_like, evaluation_inputs
+from .evaluate import logits
+from .preprocess import CIFAR_SIZE, cifar_like
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Predictor:
             raise UserError("no pictures given.")
         pictures = [images] if single else images
         batch = torch.stack([cifar_like(im, self.store_size) for im in pictures]).to(self.device)
-        probs = self.model(evaluation_inputs(batch, self.size, self.mean, self.std)).float().softmax(1).cpu()
+        probs = logits(self.model, batch, self.size, self.mean, self.std).softmax(1).cpu()
         values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
         out = [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
                           self.superclasses[self.fine_to_coarse[ix[0]]] if self.superclasses else None)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cifarlib import checkpoints, runtime, train
+from cifarlib import checkpoints, loop, runtime, train
 from cifarlib.augment import BatchAugment, make_policy
 from cifarlib.config import Stage, make_config
 from cifarlib.data import Split
@@ -23,7 +23,7 @@ from cifarlib.model import GROUPS, build_model, layer_groups
 
 def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
     """On the meta device tensors have no values, so any host read of one inside the loop (an
-    `.item()`, a tensor in an `if`, a small copy back) raises. Only the epoch's end reads one."""
+    `.item()`, a tensor in an `if`, a small copy back) raises. Only the scheduled checks read."""
     dev = torch.device("meta")
     cfg = make_config("cpu", weights="none", backbone="resnet18", image_size=32, batch_size=8, accum_steps=2)
     net = build_model("resnet18", 10, "none").to(dev)
@@ -34,11 +34,13 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
     split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8, device=dev), torch.zeros(64, dtype=torch.long, device=dev))
     run = train.Run(cfg, Path("."), dev, None, split, split, net, groups,
                     BatchAugment(make_policy("original"), 32, (0.5,) * 3, (0.5,) * 3, 10))
-    monkeypatch.setattr(train, "_all_sum", lambda total, count: 0.0)  # the epoch-end read
+    checks = []  # the scheduled checks: the loop's only reads, every 50 steps and at the epoch's end
+    monkeypatch.setattr(loop, "scheduled_check", lambda *a: checks.append(a) or (False, None, False))
+    monkeypatch.setattr(loop, "world_sums", lambda *values: [0.0] * len(values))
     steps = []
     opt.register_step_post_hook(lambda *a: steps.append(1))
     train.train_epoch(run, net, opt, sched, train.make_scaler(torch.device("cpu")), epoch=0)
-    assert len(steps) == 4  # 8 batches, 2 per optimizer step: the loop ran
+    assert len(steps) == 4 and len(checks) == 1  # 8 batches, 2 per optimizer step; one check
 
 
 @pytest.fixture
@@ -149,7 +151,7 @@ def _worker(rank: int, world: int, root: str) -> None:
                     return default_hooks.allreduce_hook(state, bucket)
                 self.register_comm_hook(None, hook)
         train.nn.parallel.DistributedDataParallel = CountingDDP
-        steps = len(train.Batches(run.train, 8, drop_last=True))
+        steps = len(train.train_loader(run))
         next(train.epochs(run))
         out["micro_batches"], out["all_reduces"] = steps, calls.count(0)
     try:
@@ -180,3 +182,28 @@ def test_accumulated_micro_batches_are_all_reduced_once_per_optimizer_step(two_r
 def test_a_rank_without_validation_images_is_refused_not_left_to_hang(two_ranks):
     for r in two_ranks:
         assert "validation split has 1 image(s) for 2 processes" in r["few_error"] and "max_eval_samples" in r["few_error"]
+
+
+def test_evaluation_and_prediction_run_in_the_training_paths_precision_and_layout(monkeypatch, trained_checkpoint):
+    """On CUDA: bf16 autocast and channels_last, as in training (here both are stood in for)."""
+    from cifarlib.evaluate import predict_split
+    from cifarlib.predict import Predictor
+    from cifarlib.synthetic import make_images
+    entered, layouts = [], []
+
+    class Autocast:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(runtime, "autocast", lambda device: (Autocast(), torch.bfloat16))
+    monkeypatch.setattr(runtime, "memory_format", lambda device: torch.channels_last)
+    predictor = Predictor.from_checkpoint(trained_checkpoint, device="cpu")
+    assert predictor.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    predictor.model.conv1.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    images = make_images(torch.arange(3), seed=1)
+    predictor.predict([img.permute(1, 2, 0).numpy() for img in images])
+    predict_split(predictor.model, Split(images, torch.arange(3)), 32, predictor.mean, predictor.std)
+    assert len(entered) == len(layouts) == 2 and all(layouts)
