@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import csv
-import errno
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import runtime
-from .errors import UserError
+from .errors import UserError, disk_full
 
 FORMAT = 1
 
@@ -89,9 +88,9 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or Ctrl-C mid-write: leave no temporary file
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the disk to write {path}; the previous version, if "
-                            "any, is untouched. Free some space and resume the run.") from None
+        full = disk_full(e, path, "the previous version, if any, is untouched", "Free some space and resume the run.")
+        if full:
+            raise full from None
         raise
 
 

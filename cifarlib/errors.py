@@ -9,12 +9,21 @@ something worth knowing that is not an error (a cache rebuilt, files skipped).
 
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 
 
 class UserError(Exception):
     """A problem the user can fix; its message says what happened and how to fix it."""
+
+
+def disk_full(e: BaseException, path, kept: str, fix: str) -> UserError | None:
+    """The one message for a full disk (or an exhausted quota) while writing `path`, saying what
+    was kept and how to go on; None for any other error."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on the disk while writing {path}; {kept}. {fix}")
+    return None
 
 
 def notice(message: str) -> None:

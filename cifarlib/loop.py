@@ -125,7 +125,7 @@ def train_steps(run: Run, model: nn.Module, opt, sched, scaler, pos: Position,
     With gradient accumulation, DDP all-reduces the gradients only at the last micro-batch of
     each optimizer step (`no_sync` for the others).
     """
-    cfg, accum, dev = run.cfg, run.cfg.accum_steps, run.device
+    accum, dev = run.cfg.accum_steps, run.device
     train_mode(model)
     loader = train_loader(run)
     n, every = len(loader), check_every(dev)

@@ -27,9 +27,8 @@ import torch
 import torchvision
 from torch import nn
 
-from . import runtime
+from . import runtime, sources
 from .errors import UserError
-from .sources import _resolves
 
 GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -66,7 +65,7 @@ def _imagenet_torchvision(backbone: str) -> dict:
     w = torchvision.models.get_model_weights(backbone).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(w.url).path)
     if not cached.is_file():
-        reason = _resolves(urllib.parse.urlsplit(w.url).hostname or "", 10)
+        reason = sources.unreachable(urllib.parse.urlsplit(w.url).hostname or "", 10)
         if reason:
             raise _offline_error(backbone, reason)
     try:
@@ -136,7 +135,7 @@ def build_model(backbone: str = "resnet50", num_classes: int = 100, weights: str
         if not timm.is_model(backbone):
             raise UserError(f"unknown backbone {backbone!r}: neither a torchvision classification model "
                             "nor a timm model (see timm.list_models()).")
-        if weights == "imagenet" and _resolves("huggingface.co", 10):
+        if weights == "imagenet" and sources.unreachable("huggingface.co", 10):
             # no network: let the hub use its cache at once instead of retrying for a minute
             import huggingface_hub.constants
             huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import pandas as pd
 import seaborn as sns
 import torch
@@ -99,17 +100,27 @@ def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
     return [(int(i) // d.num_classes, int(i) % d.num_classes) for i in order]
 
 
+class ShownFigure(Figure):
+    """A figure made without pyplot (whose global state is not thread-safe) that still shows
+    itself in a notebook: IPython has no printer for a bare Figure until pyplot's inline backend
+    has loaded, so it brings its own PNG representation."""
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(self)
+
+
 def loss_curves(history: list[dict]):
-    """Training and validation loss per epoch, validation accuracy, stage boundaries marked.
+    """Two panels over the epochs, stage boundaries marked on both: training and validation loss
+    with validation accuracy; below, each layer group's learning rate at the epoch's end, on a
+    log scale (a frozen group's 0 leaves a gap). Histories from before the per-group columns show
+    their single `lr`.
 
     Drawn on a `matplotlib.figure.Figure` without pyplot, whose global state is not
     thread-safe: the background saver draws this while a notebook draws its live curves.
     """
-    from matplotlib.figure import Figure
-
     h = pd.DataFrame(history)
-    fig = Figure(figsize=(8, 3.5))
-    ax = fig.subplots()
+    fig = ShownFigure(figsize=(8, 5.2))
+    ax, lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     if len(h):
         h = h.astype({"epoch": int, "train_loss": float, "val_loss": float, "val_acc": float})
         ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss (augmented, soft targets)")
@@ -118,14 +129,24 @@ def loss_curves(history: list[dict]):
         acc.plot(h["epoch"], h["val_acc"], "s--", ms=3, color="tab:green", label="validation accuracy")
         acc.set_ylabel("accuracy")
         acc.set_ylim(0, 1)
+        slots = [c for c in h.columns if c.startswith("lr_")] or [c for c in ("lr",) if c in h]
+        for c in slots:
+            rate = h[c].astype(float)
+            lr.plot(h["epoch"], rate.where(rate > 0), "o-", ms=2, lw=1, label=c.removeprefix("lr_"))
+        if slots:
+            lr.set_yscale("log")
+            lr.legend(fontsize=6, ncol=3, loc="lower left")
         starts = h.index[h["stage"] != h["stage"].shift()]
+        for panel in (ax, lr):  # vlines, not axvline: the panels' lines are the data alone
+            panel.vlines(h.loc[starts, "epoch"] - 0.5, 0, 1, transform=panel.get_xaxis_transform(),
+                         colors="grey", lw=0.8, linestyles=":")
         for i in starts:
-            ax.axvline(h.loc[i, "epoch"] - 0.5, color="grey", lw=0.8, ls=":")
             ax.text(h.loc[i, "epoch"] - 0.4, 0.98, h.loc[i, "stage"], transform=ax.get_xaxis_transform(), va="top", fontsize=8)
         lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
         ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")
-    ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
+    lr.set_ylabel("learning rate")
+    lr.set_xlabel("epoch")
     fig.tight_layout()
     return fig
 

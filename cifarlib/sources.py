@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, disk_full
 
 DOWNLOAD_TIMEOUT_S = 10  # for the name lookup, the connection and each read
 
@@ -106,10 +106,7 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 
 def _disk_full(e: OSError, path: Path, setting: str = "data_dir") -> UserError | None:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"no space left on the disk while writing {path}; nothing was kept. "
-                         f"Free some space, or choose another {setting}.")
-    return None
+    return disk_full(e, path, "nothing was kept", f"Free some space, or choose another {setting}.")
 
 
 def extract(tarball: Path, src: Source) -> Path:
@@ -142,8 +139,9 @@ def extract(tarball: Path, src: Source) -> Path:
     return final
 
 
-def _resolves(host: str, timeout: float) -> str | None:
-    """Look `host` up within `timeout` seconds; None if it resolved, else the reason.
+def unreachable(host: str, timeout: float) -> str | None:
+    """Look `host` up within `timeout` seconds: None if it resolved, else the reason it can't be
+    reached. The one network check, for data downloads and for pretrained weights.
 
     `urlopen`'s timeout does not cover the name lookup, which can hang for a minute on a machine
     without network; a daemon thread bounds it.
@@ -165,7 +163,7 @@ def _resolves(host: str, timeout: float) -> str | None:
 
 def download(src: Source, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
     """Download the official tarball to `dest` and check it; None on success, else the reason."""
-    reason = _resolves(urllib.parse.urlsplit(src.url).hostname or "", timeout)
+    reason = unreachable(urllib.parse.urlsplit(src.url).hostname or "", timeout)
     if reason:
         return reason
     part = dest.with_name(dest.name + ".part")

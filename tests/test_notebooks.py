@@ -44,6 +44,11 @@ def test_runs_headless_on_synthetic_data(path, tmp_path):
     if path.stem == "03_train":
         assert sorted(p.name for p in (tmp_path / "out" / "nb").iterdir()) == [
             "best.pt", "config.json", "history.csv", "last.pt", "loss_curves.png"]
+        lines = [line for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "stream"
+                 for line in o["text"].splitlines() if line.strip()]
+        epochs = [line for line in lines if line.startswith("epoch ")]
+        assert [line.split(" [")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+        assert len(lines) - len(epochs) <= 4, lines  # one plain line per epoch, and a few others
 
 
 def test_a_user_error_shows_as_one_message_in_the_notebook(tmp_path):

@@ -1,0 +1,286 @@
+"""Interruptions and failures lose nothing: SIGINT, SIGTERM, a notebook's interrupt, a killed
+process or kernel, a non-finite loss, out of memory.
+
+Every interrupted run is compared with one uninterrupted reference run (a module fixture): after
+resuming it must end with the same history, `seconds` and `images_per_s` aside, and the same
+final validation loss. All runs use one thread (OMP_NUM_THREADS=1 for subprocesses,
+torch.set_num_threads(1) in this process), so that their arithmetic is the same.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlib import checkpoints, guard, plots, runtime, train
+from cifarlib.augment import BatchAugment
+from cifarlib.config import Stage, make_config
+from cifarlib.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(preset="cpu", dataset="synthetic", weights="none", backbone="resnet18", image_size=32, batch_size=32,
+            max_train_samples=192, max_eval_samples=50, device="cpu", epochs=3)  # 6 steps an epoch: 1 head, 2 all
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMED = ("seconds", "images_per_s")
+
+
+def comparable(rows):
+    return [{k: str(v) for k, v in r.items() if k not in TIMED} for r in rows]
+
+
+def final_val_loss(folder: Path) -> float:
+    return checkpoints.load(folder / "last.pt")["metrics"]["val_loss"]
+
+
+def cli(root: Path, *args: str, **popen) -> subprocess.Popen:
+    kv = {**TINY, "data_dir": root / "data", "checkpoint_dir": root / "ckpt"}
+    return subprocess.Popen([sys.executable, "-m", "cifarlib.train", *[f"{k}={v}" for k, v in kv.items()], *args],
+                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("interrupts")
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """The uninterrupted run, from the CLI: its history rows (as read back) and its folder."""
+    p = cli(root, "run_name=reference")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    folder = root / "ckpt" / "reference"
+    lines = out.splitlines()
+    assert [line.split(" [")[0] for line in lines[:3]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert lines[3] == f"run files: {folder}" and len(lines) == 4  # one plain line per epoch on stdout
+    return checkpoints.read_history(folder / "history.csv"), folder
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(root: Path, name: str, **kw):
+    return make_config(**{**TINY, "data_dir": str(root / "data"), "checkpoint_dir": str(root / "ckpt"), "run_name": name, **kw})
+
+
+def test_history_has_a_learning_rate_per_layer_group_and_the_training_rate(reference):
+    rows, folder = reference
+    assert list(rows[0]) == ["epoch", "stage", "stage_epoch", "lr_stem", "lr_layer1", "lr_layer2", "lr_layer3",
+                             "lr_layer4", "lr_head", "train_loss", "val_loss", "val_acc", "seconds", "images_per_s"]
+    assert [float(rows[0][f"lr_{g}"]) for g in ("stem", "layer4")] == [0.0, 0.0]  # frozen in the head stage
+    assert all(float(rows[2][f"lr_{g}"]) > 0 for g in ("stem", "layer1", "head")) and float(rows[1]["images_per_s"]) > 0
+    panel = plots.loss_curves(rows).axes[1]  # the learning-rate panel: one line per slot, log scale
+    assert len(panel.get_lines()) == 6 and panel.get_yscale() == "log"
+
+
+@pytest.mark.parametrize("signum,where,how", [
+    (signal.SIGINT, "mid-epoch", "from disk"), (signal.SIGTERM, "mid-epoch", "in memory"),
+    (signal.SIGINT, "boundary", "in memory"), (signal.SIGTERM, "boundary", "from disk")])
+def test_a_signal_saves_the_exact_step_and_the_run_ends_as_if_never_interrupted(
+        signum, where, how, root, reference, one_thread, monkeypatch):
+    name = f"{signal.Signals(signum).name}-{where}-{how.split()[-1]}"
+    calls = []
+    if where == "mid-epoch":  # during the 4th batch of epoch 2: that step finishes, then it stops
+        real = BatchAugment.__call__
+        monkeypatch.setattr(BatchAugment, "__call__", lambda self, x, y: (
+            calls.append(1), len(calls) == 6 + 4 and os.kill(os.getpid(), signum), real(self, x, y))[2])
+        expect = "interrupted at epoch 2 step 4"
+    else:  # during epoch 1's validation: epoch 1 completes and is saved, epoch 2 never starts
+        real = train.validate
+        monkeypatch.setattr(train, "validate", lambda run, model: (
+            calls.append(1), len(calls) == 1 and os.kill(os.getpid(), signum), real(run, model))[2])
+        expect = "interrupted at epoch 2 step 0"
+    run = train.prepare(tiny(root, name))
+    with pytest.raises(guard.Interrupted, match=f"{expect}; continue with run_name={name} resume=True") as e:
+        for _ in train.epochs(run):
+            pass
+    assert e.value.exit_status == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+    saved = checkpoints.load(run.dir / "last.pt")["resume"]
+    assert (saved["step"], saved["next_stage"], saved["next_epoch"]) == (4 if where == "mid-epoch" else 0, 1, 0)
+    monkeypatch.undo()
+    if how == "from disk":
+        run = train.prepare(tiny(root, name, resume=True))
+    rows = list(train.epochs(run))  # in memory: what re-running notebook 03's training cell does
+    history = checkpoints.read_history(run.dir / "history.csv")
+    assert len(rows) == 2 and comparable(history) == comparable(reference[0])
+    assert abs(final_val_loss(run.dir) - final_val_loss(reference[1])) <= 1e-6
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_the_cli_saves_then_exits_130_on_sigint_and_143_on_sigterm(signum, status, root, reference):
+    name = f"cli-{status}"
+    p = cli(root, f"run_name={name}")
+    history = root / "ckpt" / name / "history.csv"
+    deadline = time.time() + 240
+    while p.poll() is None and time.time() < deadline and not history.is_file():
+        time.sleep(0.02)
+    p.send_signal(signum)  # in epoch 2, or while epoch 1 is saved
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == status, err[-2000:]
+    message = err.strip().splitlines()[-1].split("\r")[-1].strip()
+    assert message.startswith("python -m cifarlib.train: interrupted at epoch ") and message.endswith(
+        f"; continue with run_name={name} resume=True") and "Traceback" not in err
+    if signum == signal.SIGTERM:
+        resumed = cli(root, f"run_name={name}", "resume=True")
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+        assert comparable(checkpoints.read_history(history)) == comparable(reference[0])
+        assert abs(final_val_loss(history.parent) - final_val_loss(reference[1])) <= 1e-6
+
+
+def test_after_sigkill_a_periodic_save_loses_only_the_steps_since(root, reference):
+    """`save_every_minutes` covers kills that give no warning."""
+    p = cli(root, "run_name=killed", "save_every_minutes=0.01")
+    last = root / "ckpt" / "killed" / "last.pt"
+    deadline, saved = time.time() + 240, None
+    while p.poll() is None and time.time() < deadline:
+        if last.is_file():
+            ckpt = torch.load(last, weights_only=True)  # renamed into place: never half-written
+            if ckpt["resume"].get("step") and ckpt["history"]:  # inside epoch 2 or later
+                saved = ckpt["resume"]
+                break
+        time.sleep(0.05)
+    p.kill()
+    p.communicate()
+    assert saved is not None, "no mid-epoch save was seen"
+    resumed = cli(root, "run_name=killed", "resume=True")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert comparable(checkpoints.read_history(last.parent / "history.csv")) == comparable(reference[0])
+    assert abs(final_val_loss(last.parent) - final_val_loss(reference[1])) <= 1e-6
+
+
+def test_two_ranks_agree_on_the_step_to_stop_at_and_only_rank_zero_writes(root):
+    """torchrun forwards SIGTERM to both ranks; they stop at the first check after it, together."""
+    kv = {**TINY, "data_dir": root / "data", "checkpoint_dir": root / "ckpt", "run_name": "ddp", "max_train_samples": 384}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cifarlib.train",
+           *[f"{k}={v}" for k, v in kv.items()]]
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = root / "ckpt" / "ddp" / "history.csv"
+    deadline = time.time() + 240
+    while p.poll() is None and time.time() < deadline and not history.is_file():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert err.count("interrupted at epoch") == 1, err[-3000:]  # said once, by rank 0
+    saved = checkpoints.load(history.parent / "last.pt")["resume"]
+    assert saved["next_epoch"] >= 1 or saved["next_stage"] >= 1
+    out = subprocess.run(cmd + ["resume=True"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("run files:") == 1 and out.stdout.count("epoch 3/3 ") == 1
+    assert [r["stage"] for r in checkpoints.read_history(history)] == ["head", "all", "all"]
+
+
+def test_a_non_finite_loss_stops_the_run_and_touches_no_file(root, one_thread):
+    stages = [Stage("head", 1, ("head",), (3e-3,)), Stage("all", 2, ("layer4", "head"), (1e30, 1e30))]
+    run = train.prepare(tiny(root, "nan", stages=stages))
+    gen = train.epochs(run)
+    next(gen)
+    checkpoints.SAVER.wait()
+    before = {f: (run.dir / f).read_bytes() for f in ("best.pt", "last.pt", "history.csv")}
+    with pytest.raises(UserError, match=r"NaN or infinite at epoch 2, step \d+, in stage 'all' \(learning rates: "
+                                        r"layer4 .*head .*\).*Likely causes: a learning rate too high"):
+        next(gen)
+    assert {f: (run.dir / f).read_bytes() for f in before} == before
+    with pytest.raises(UserError, match="NaN or infinite"):  # the damaged model is not trained on
+        next(train.epochs(run))
+
+
+def test_out_of_memory_is_one_message_with_the_remedies(root, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 10 * 2**20)  # 10 MiB
+    run = train.prepare(tiny(root, "oom"))
+    real, calls = train.train_steps, []
+
+    def step_out_of_memory(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_steps", step_out_of_memory)
+    gen = train.epochs(run)
+    next(gen)  # the first epoch trains, after the memory warning
+    warning = capsys.readouterr().err
+    assert "warning: a training step at batch_size=32, image_size=32 needs about" in warning
+    assert "batch_size=16 with accum_steps=2 keeps the recipe" in warning
+    checkpoints.SAVER.wait()
+    saved = (run.dir / "last.pt").read_bytes()
+    with pytest.raises(UserError, match=r"out of memory on cpu .* during training, at batch_size=32, image_size=32\. "
+                                        r"Remedies: batch_size=16 with accum_steps=2 keeps the recipe.*smaller image_size"):
+        next(gen)
+    assert (run.dir / "last.pt").read_bytes() == saved
+
+
+NOTEBOOK = ROOT / "notebooks" / "03_train.ipynb"
+
+
+def notebook_parameters(root: Path, name: str, **extra) -> dict:
+    return {**TINY, "data_dir": str(root / "data"), "checkpoint_dir": str(root / "ckpt"), "run_name": name, **extra}
+
+
+def wait_for_a_mid_epoch_save(last: Path, alive, timeout: float = 240) -> dict | None:
+    deadline = time.time() + timeout
+    while alive() and time.time() < deadline:
+        if last.is_file():
+            ckpt = torch.load(last, weights_only=True)
+            if ckpt["resume"].get("step") and ckpt["history"]:  # inside epoch 2 or later
+                return ckpt["resume"]
+        time.sleep(0.05)
+    return None
+
+
+def test_a_killed_kernel_leaves_a_run_that_the_same_papermill_command_finishes(root, reference, tmp_path):
+    pytest.importorskip("papermill", reason="needs papermill")
+    psutil = pytest.importorskip("psutil", reason="needs psutil to find the kernel process")
+    params = [a for k, v in notebook_parameters(root, "pm-killed", save_every_minutes=0.01).items() for a in ("-p", k, str(v))]
+    cmd = [sys.executable, "-m", "papermill", "--no-progress-bar", "-k", "python3", str(NOTEBOOK), str(tmp_path / "out.ipynb")]
+    p = subprocess.Popen(cmd + params, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = root / "ckpt" / "pm-killed" / "last.pt"
+    assert wait_for_a_mid_epoch_save(last, lambda: p.poll() is None), p.communicate()[1][-3000:]
+    kernels = [c for c in psutil.Process(p.pid).children(recursive=True) if "ipykernel" in " ".join(c.cmdline())]
+    assert len(kernels) == 1
+    kernels[0].kill()  # the kernel dies: no warning, no handler
+    p.communicate(timeout=120)
+    assert p.returncode != 0 and checkpoints.load(last)["resume"]["step"] > 0  # the folder is intact
+    again = subprocess.run(cmd + params + ["-p", "resume", "True"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert comparable(checkpoints.read_history(last.parent / "history.csv")) == comparable(reference[0])
+
+
+def test_interrupting_notebook_03_then_running_its_cell_again_continues(root, reference, monkeypatch):
+    pm = pytest.importorskip("papermill", reason="needs papermill")
+    from nbclient import NotebookClient
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's
+    nb = pm.parameterize.parameterize_notebook(pm.iorw.load_notebook_node(str(NOTEBOOK)),  # as papermill reads it
+                                               notebook_parameters(root, "nb-interrupted", save_every_minutes=0.01))
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, allow_errors=True,
+                            resources={"metadata": {"path": str(ROOT)}})
+    training = next(i for i, c in enumerate(nb.cells) if "train.epochs(run)" in c.source)
+    last = root / "ckpt" / "nb-interrupted" / "last.pt"
+    with client.setup_kernel():
+        pid = client.km.provisioner.process.pid
+
+        def interrupt():  # what JupyterLab's interrupt button does: SIGINT to the kernel process
+            if wait_for_a_mid_epoch_save(last, lambda: True):
+                os.kill(pid, signal.SIGINT)
+        for i, cell in enumerate(nb.cells[:training]):
+            client.execute_cell(cell, i)
+        watcher = threading.Thread(target=interrupt)
+        watcher.start()
+        client.execute_cell(nb.cells[training], training)
+        watcher.join()
+        errors = [o for o in nb.cells[training].outputs if o.output_type == "error"]
+        assert len(errors) == 1 and errors[0].ename == "Interrupted", nb.cells[training].outputs
+        assert "interrupted at epoch " in errors[0].evalue and "running the training cell again continues" in errors[0].evalue
+        assert errors[0].traceback == [f"Interrupted: {errors[0].evalue}"]  # one line, no traceback
+        client.execute_cell(nb.cells[training], training)  # run the cell again: it goes on
+        assert not [o for o in nb.cells[training].outputs if o.output_type == "error"]
+    assert comparable(checkpoints.read_history(last.parent / "history.csv")) == comparable(reference[0])
