@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from cifarlib import data as data_module
-from cifarlib import evaluate, folders, imagecache, predict, train
+from cifarlib import evaluate, folders, imagecache, train
 from cifarlib.config import Stage, make_config
 from cifarlib.data import load_cifar
 from cifarlib.errors import UserError
@@ -303,8 +303,8 @@ def test_a_folder_run_predicts_with_its_class_names_through_a_store_size_image(t
     p = Predictor.from_checkpoint(best, device="cpu")
     assert p.store_size == 64
     seen = []
-    real = predict.evaluation_inputs
-    monkeypatch.setattr(predict, "evaluation_inputs", lambda x, *a: seen.append(tuple(x.shape)) or real(x, *a))
+    real = evaluate.evaluation_inputs  # the one evaluation path, which prediction takes
+    monkeypatch.setattr(evaluate, "evaluation_inputs", lambda x, *a: seen.append(tuple(x.shape)) or real(x, *a))
     photo = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "photo.jpg")
     top = p.predict(tmp_path / "photo.jpg", top_k=3).top
