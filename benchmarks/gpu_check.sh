@@ -91,8 +91,9 @@ else
   # The suite (CPU tests pinned to the CPU; notebook and widget tests skip without their packages),
   # in three parallel parts so that it fits its limit on a many-core machine.
   suite() {
-    local parts=("tests/test_train.py" "tests/test_gpu_path.py tests/test_data_distributed.py tests/test_augment.py"
-                 "--ignore=tests/test_train.py --ignore=tests/test_gpu_path.py --ignore=tests/test_data_distributed.py --ignore=tests/test_augment.py --deselect tests/test_benchmarks.py")
+    local a="tests/test_interrupts.py tests/test_train.py"
+    local b="tests/test_gpu_path.py tests/test_data_distributed.py tests/test_augment.py tests/test_folders.py tests/test_data.py"
+    local parts=("$a" "$b" "$(for f in $a $b; do printf -- '--ignore=%s ' "$f"; done)--deselect tests/test_benchmarks.py")
     local pids=() rc=0
     for part in "${parts[@]}"; do
       "$PY" -m pytest -q -p no:cacheprovider $part &

@@ -330,8 +330,8 @@ def test_evaluating_a_folder_run_uses_its_own_data_and_says_which_split(trained_
 
 
 def test_notebook_04_finds_the_folder_from_the_checkpoint_and_says_it_evaluates_val(trained_on_folder, tmp_path):
-    import nbformat
-    import papermill as pm
+    nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat and papermill")
+    pm = pytest.importorskip("papermill", reason="the notebook test needs nbformat and papermill")
     _, best = trained_on_folder
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "04_evaluate.ipynb"
     pm.execute_notebook(str(notebook), str(tmp_path / "04.ipynb"), kernel_name="python3", progress_bar=False,

@@ -122,8 +122,8 @@ def upload_app():
 
 
 def test_widget_shows_predictions_and_a_message_per_bad_file(predictor, picture):
-    import ipywidgets as widgets
     app = upload_app()(predictor, top_k=5)
+    import ipywidgets as widgets
     app.upload.value = upload(("cat.png", png_bytes(picture)), ("broken.png", b"\x89PNG broken"), ("empty.webp", b""))
     good, broken, empty = app.results.children
     assert isinstance(good, widgets.HBox)
@@ -156,10 +156,11 @@ def test_widget_survives_unexpected_errors_and_always_clears_the_upload(predicto
 
 
 def test_widget_refuses_a_file_over_20_mb_on_its_size_and_still_predicts_the_others(predictor, picture):
+    UploadApp = upload_app()
     from cifarlib import app as app_module
     big = png_bytes(picture) + bytes(app_module.MAX_BYTES)  # a PNG that decodes: only its size is wrong
     assert predictor.predict(big).top == predictor.predict(picture).top
-    app = upload_app()(predictor, top_k=3)
+    app = UploadApp(predictor, top_k=3)
     app.upload.value = upload(("big.png", big), ("cat.png", png_bytes(picture)))
     refused, good = app.results.children
     assert "big.png" in refused.value and "above the limit of 20 MB" in refused.value

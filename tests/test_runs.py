@@ -8,8 +8,6 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-import nbformat
-import papermill as pm
 import pytest
 
 from cifarlib import runs
@@ -205,6 +203,8 @@ def test_reads_a_run_the_suite_trained(trained_checkpoint, tmp_path):
 
 
 def test_notebook_compares_tiny_runs(zoo, tmp_path):
+    nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat and papermill")
+    pm = pytest.importorskip("papermill", reason="the notebook test needs nbformat and papermill")
     out = tmp_path / "compare"
     nb_out = tmp_path / "06.ipynb"
     pm.execute_notebook(str(NOTEBOOK), str(nb_out), kernel_name="python3", progress_bar=False,

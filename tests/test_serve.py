@@ -38,6 +38,7 @@ def test_the_newest_best_pt_is_served_by_default(tmp_path, trained_checkpoint):
 
 
 def test_the_checkpoint_is_injected_as_papermill_does(tmp_path, trained_checkpoint):
+    pytest.importorskip("papermill", reason="needs papermill")
     out = serve.prepare(trained_checkpoint, str(tmp_path / "app" / "05.ipynb"))
     nb = json.loads(out.read_text())
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
