@@ -74,12 +74,15 @@ def _prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file and a rename: all or nothing."""
+def write_atomically(path: Path, data: bytes | Callable[[Any], Any],
+                     full_disk_fix: str | None = "Free some space and resume the run.") -> None:
+    """Write `data` (bytes, or a function that writes to the open file, for data too large to
+    hold twice in memory) to `path` via a temporary file and a rename: all or nothing. A full
+    disk is a `UserError` ending with `full_disk_fix`; with None, the OSError itself."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data) if isinstance(data, (bytes, bytearray, memoryview)) else data(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -88,7 +91,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or Ctrl-C mid-write: leave no temporary file
         Path(tmp).unlink(missing_ok=True)
-        full = disk_full(e, path, "the previous version, if any, is untouched", "Free some space and resume the run.")
+        full = full_disk_fix and disk_full(e, path, "the previous version, if any, is untouched", full_disk_fix)
         if full:
             raise full from None
         raise
@@ -155,9 +158,7 @@ SAVER = Saver()
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_atomically(path, buf.getvalue())
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

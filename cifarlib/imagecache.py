@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import runtime
+from .checkpoints import write_atomically
 from .errors import UserError, notice
 from .preprocess import cifar_like
 
@@ -129,25 +129,6 @@ def _read(path: Path, size: int) -> Cache | None:
     return cache
 
 
-def _replace(path: Path, write) -> None:
-    """`write(f)` fills a temporary file beside `path`, which then replaces it. (Unlike
-    `checkpoints.write_atomically`, which takes bytes, this streams a tensor of gigabytes to disk
-    without a second copy in memory.)"""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; make it like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write(path: Path, c: Cache) -> None:
     """Write the cache and its list of failed files; a failure to write costs only a notice."""
     failed = "".join(f"{p}\t{why}\n" for p, why in zip(c.paths, c.reasons) if why)
@@ -156,9 +137,9 @@ def _write(path: Path, c: Cache) -> None:
               "rows": torch.tensor(c.rows, dtype=torch.int64), "reasons": "\0".join(c.reasons), "images": c.images}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _replace(path, lambda f: torch.save(record, f))
+        write_atomically(path, lambda f: torch.save(record, f), full_disk_fix=None)  # streamed: no second copy
         if failed:
-            _replace(path.with_suffix(".skipped.txt"), lambda f: f.write(failed.encode()))
+            write_atomically(path.with_suffix(".skipped.txt"), failed.encode(), full_disk_fix=None)
         else:
             path.with_suffix(".skipped.txt").unlink(missing_ok=True)
     except OSError as e:  # a full disk, a read-only cache_dir: the images are here all the same

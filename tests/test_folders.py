@@ -163,9 +163,9 @@ def test_a_damaged_or_foreign_cache_is_rebuilt_with_a_notice(tmp_path, capfd, da
 def test_a_cache_that_cannot_be_written_costs_a_notice_not_the_data(tmp_path, capfd, monkeypatch):
     make_folder(tmp_path / "p", per_class=3)
 
-    def full_disk(path, write):
+    def full_disk(path, data, full_disk_fix=None):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(imagecache, "_replace", full_disk)
+    monkeypatch.setattr(imagecache, "write_atomically", full_disk)
     d = load(tmp_path / "p", tmp_path / "cache")
     assert len(d.train) + len(d.val) == 9
     assert "could not write the image cache" in capfd.readouterr().err
