@@ -27,8 +27,8 @@ Random parameters come from a seeded CPU generator, so the same seed gives the s
 same device. Everything that depends on them is computed on the CPU too, the 3x3 matrices and
 their inverses included, and travels to the device as one packed tensor (pinned, non-blocking on
 CUDA). Constants are made once per device. So a batch's augmentation never makes the host wait
-for the GPU: the host can queue the next steps while the GPU works. On CUDA the inputs come out
-channels_last, the layout the model runs in there.
+for the GPU: the host can queue the next steps while the GPU works. The inputs come out in the
+layout the model runs in (`runtime.memory_format`: channels_last on CUDA and on the CPU).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .errors import UserError
 from .geometry import blacken_outside, geometry, sampling_grid
 
@@ -69,17 +70,25 @@ class Policy:
     cutmix_alpha: float = 0.8      # Beta(alpha, alpha) for CutMix's lambda
     cutmix_p: float = 0.5          # per sample: CutMix instead of Mixup (when both are on)
     label_smoothing: float = 0.1
+    fill: str = "black"            # outside the shifted or turned image: "black" (as torchvision
+                                   # fills) or "reflect" (mirrored content, as a reflect-padded crop)
 
 
 POLICIES = {
     # The original project's chain, parameter for parameter.
     "original": Policy(),
-    # For short fine-tuning runs: flips, small shifts and light Mixup, as in BiT's fine-tuning
-    # recipe (Kolesnikov et al., 2020: crops and flips, Mixup alpha 0.1). Heavy regularisation
-    # pays off over 100 epochs but slows convergence when there are only a handful.
+    # For fine-tuning runs of a dozen epochs or so: flips, small shifts with mirrored borders and
+    # light Mixup, as in BiT's fine-tuning recipe (Kolesnikov et al., 2020: crops and flips, Mixup
+    # alpha 0.1). Heavy regularisation pays off over 100 epochs but slows a shorter run.
     "light": Policy(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0, rotation_deg=0,
                     affine_deg=0, affine_translate=0.125, perspective_p=0, blur_sigma=None,
-                    erasing_p=0, mixup_alpha=0.1, cutmix_alpha=0),
+                    erasing_p=0, mixup_alpha=0.1, cutmix_alpha=0, fill="reflect"),
+    # For fine-tuning in a few epochs on small pictures: flips and shifts of up to 4 px in 32 with
+    # mirrored borders, as a reflect-padded random crop does; no Mixup, no label smoothing, which
+    # in so short a run cost more than they give (measured on real photos: benchmarks/README.md).
+    "crop": Policy(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0, rotation_deg=0,
+                   affine_deg=0, affine_translate=0.125, perspective_p=0, blur_sigma=None,
+                   erasing_p=0, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0, fill="reflect"),
     # Nothing but the resize and normalisation (and label smoothing): the evaluation path.
     "none": Policy(brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0, hflip_p=0,
                    rotation_deg=0, affine_deg=0, affine_translate=0, perspective_p=0,
@@ -119,6 +128,8 @@ def make_policy(name: str = "original", **overrides) -> Policy:
         raise UserError(f"unknown augmentation setting(s) {', '.join(unknown)}; "
                         f"known: {', '.join(sorted(known))}.")
     policy = replace(POLICIES[name], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    if policy.fill not in ("black", "reflect"):
+        raise UserError(f"augmentation setting fill must be 'black' or 'reflect', not {policy.fill!r}.")
     for f in fields(Policy):
         v = getattr(policy, f.name)
         if f.name.endswith("_p") and not (isinstance(v, (int, float)) and 0 <= v <= 1):
@@ -224,7 +235,7 @@ class BatchAugment:
     numpy's global generator, so neither the per-sample rule nor seeding by a generator held.
     Pairs are neighbours, (0, 1), (2, 3), ..., in a shuffled batch (timm pairs i with B-1-i);
     neighbours keep a pair inside one chunk of the CPU path. An odd last sample is left unmixed.
-    `channels_last` (None: on CUDA) chooses the inputs' memory layout.
+    `channels_last` (None: where `runtime.memory_format` says so) chooses the inputs' memory layout.
     """
     policy: Policy
     size: int
@@ -308,9 +319,10 @@ class BatchAugment:
         # Warping x / std and then subtracting mean / std equals normalising after the warp, and
         # keeps the outside black as in the original (padding with 0 before normalisation).
         grid = sampling_grid(p["inverse"], s, x)
-        out = F.grid_sample(x / constant(self.std, dev), grid, mode="bilinear",
-                            padding_mode="border", align_corners=False)  # the one resample
-        layout = self.channels_last if self.channels_last is not None else dev.type == "cuda"
+        out = F.grid_sample(x / constant(self.std, dev), grid, mode="bilinear", align_corners=False,  # the one resample
+                            padding_mode="reflection" if pol.fill == "reflect" else "border")
+        layout = self.channels_last if self.channels_last is not None else (
+            runtime.memory_format(dev) == torch.channels_last)
         final = torch.empty_like(out, memory_format=torch.channels_last) if layout else out
         step = CPU_CHUNK if dev.type == "cpu" else b
         for a in range(0, b, step):
@@ -329,7 +341,8 @@ class BatchAugment:
         allocations of that size cost more than the arithmetic, and a chunk of `CPU_CHUNK`
         images stays in the cache from one pass to the next.
         """
-        blacken_outside(out, grid)
+        if self.policy.fill == "black":
+            blacken_outside(out, grid)
         shift = constant(tuple(m / sd for m, sd in zip(self.mean, self.std)), out.device)
         torch.sub(out, shift, out=final)
         if self.policy.erasing_p:

@@ -62,11 +62,14 @@ def apply_stage(model: nn.Module, groups: dict[str, list[str]], stage: Stage) ->
     return [{"params": [params[n] for n in groups[g]], "lr": lr, "name": g} for g, lr in zip(stage.groups, stage.lr)]
 
 
-def train_mode(model: nn.Module) -> None:
-    """model.train(), except BatchNorm layers whose parameters are all frozen."""
+def train_mode(model: nn.Module, frozen_bn: str = "eval") -> None:
+    """model.train(); with `frozen_bn="eval"`, BatchNorm layers whose parameters are all frozen
+    stay in eval mode and keep their (pretrained) statistics, while with "train" they go on
+    updating them, as a plain `model.train()` does."""
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        if frozen_bn == "eval" and isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters()):
             m.eval()
 
 
@@ -126,7 +129,7 @@ def train_steps(run: Run, model: nn.Module, opt, sched, scaler, pos: Position,
     each optimizer step (`no_sync` for the others).
     """
     accum, dev = run.cfg.accum_steps, run.device
-    train_mode(model)
+    train_mode(model, run.cfg.frozen_bn)
     loader = train_loader(run)
     n, every = len(loader), check_every(dev)
     autocast, _ = runtime.autocast(dev)
@@ -207,7 +210,7 @@ def validate(run: Run, model: nn.Module) -> tuple[float, float]:
     mean, std = run.aug.mean, run.aug.std
     loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
     for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
-        scores = logits(model, x, run.cfg.image_size, mean, std)
+        scores = logits(model, x, run.aug.size, mean, std)  # the stage's size
         loss += F.cross_entropy(scores, y, reduction="sum")
         correct += (scores.argmax(1) == y).sum()
         seen += len(y)

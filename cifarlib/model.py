@@ -3,6 +3,7 @@
 Any torchvision classification model name and any timm model name works; `resnet50` with
 torchvision's IMAGENET1K_V2 weights is the project's default. `weights` is `"imagenet"` (the
 library's own download or cache), `"none"` (random init) or a path to a local state_dict file.
+The new head starts at zero (`zero_head`) unless `head_init="default"`.
 
 Layer groups, for staged unfreezing and per-group learning rates, are six slots from input to
 output: `stem, layer1, layer2, layer3, layer4, head`.
@@ -114,8 +115,11 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
 UNSUPPORTED = ("googlenet", "inception_v3")
 
 
-def build_model(backbone: str = "resnet50", num_classes: int = 100, weights: str = "imagenet") -> nn.Module:
-    """The backbone with a `num_classes` head and the weights asked for (see the module docstring)."""
+def build_model(backbone: str = "resnet50", num_classes: int = 100, weights: str = "imagenet",
+                head_init: str = "zero") -> nn.Module:
+    """The backbone with a `num_classes` head and the weights asked for (see the module docstring).
+    The new head starts at zero (`head_init="zero"`, see `zero_head`) or as its library makes it
+    (`"default"`: PyTorch's init for torchvision, timm's for timm)."""
     local = weights not in ("imagenet", "none")
     if backbone in UNSUPPORTED or "distilled" in backbone:
         raise UserError(f"{backbone} is not supported: in training it returns auxiliary outputs "
@@ -145,10 +149,28 @@ def build_model(backbone: str = "resnet50", num_classes: int = 100, weights: str
             if weights != "imagenet":
                 raise
             raise _offline_error(backbone, f"{type(e).__name__}: {e}") from None
+    if head_init == "zero":
+        zero_head(model)  # before loading a local file, which may hold a head that fits
     if local:
         path = runtime.resolve_path(weights)
         load_weights(model, _read_state_dict(path), str(path))
     return model
+
+
+def zero_head(model: nn.Module) -> None:
+    """Start the new classifier at zero, so that the first predictions are uniform (loss ln C).
+
+    timm initialises a new classifier uniformly in +-1/sqrt(classes): for 10 classes on
+    EfficientNet-Lite0's 1280 features that gave logits with a standard deviation of 13 and a
+    loss of 20 on real photos, which a one-epoch head stage could not undo (its validation loss
+    stayed far above a uniform guess's; benchmarks/README.md). Zero is what Big Transfer
+    (Kolesnikov et al., 2020) uses for fine-tuning; the gradient of a zero head is not zero.
+    """
+    head = model.get_submodule(head_name(model))
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def _split4(units: list[str]) -> list[list[str]]:

@@ -49,7 +49,7 @@ from torch import nn
 
 from . import checkpoints, guard, runtime
 from .augment import BatchAugment, make_policy
-from .config import PRESETS, Config, from_dict, make_config, parse_value, to_dict
+from .config import PRESETS, Config, from_dict, make_config, parse_value, stage_image_size, to_dict
 from .data import CifarData, Split, load_cifar
 from .errors import UserError, cli_errors
 from .loop import (CHECK_EVERY_GPU, Position, apply_stage, check_every, load_scaler_state,  # noqa: F401
@@ -125,7 +125,8 @@ def prepare(cfg: Config) -> Run:
     if saved and list(saved["classes"]) != data.classes:
         raise UserError(f"cannot resume: the classes in {data.folder} are no longer the run's.\n"
                         f"  the run's:  {', '.join(saved['classes'])}\n  the data's: {', '.join(data.classes)}")
-    model = build_model(cfg.backbone, num_classes=data.num_classes, weights="none" if saved else cfg.weights)
+    model = build_model(cfg.backbone, num_classes=data.num_classes, weights="none" if saved else cfg.weights,
+                        head_init=cfg.head_init)
     path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
     model.to(device, memory_format=runtime.memory_format(device))
     mean, std = normalization(cfg.backbone)
@@ -152,7 +153,7 @@ def _checkpoint(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[str,
     return {"format": checkpoints.FORMAT, "backbone": run.cfg.backbone, "dataset": d.name,
             "classes": list(d.classes), "superclasses": d.superclasses,
             "fine_to_coarse": None if d.fine_to_coarse is None else d.fine_to_coarse.tolist(),
-            "mean": list(run.aug.mean), "std": list(run.aug.std), "image_size": run.cfg.image_size,
+            "mean": list(run.aug.mean), "std": list(run.aug.std), "image_size": run.aug.size,  # the stage's
             "store_size": run.cfg.store_size,
             "config": to_dict(run.cfg), "model": model_state, "history": list(run.history), **extra}
 
@@ -266,7 +267,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
     cfg, raw = run.cfg, run.model
     runtime.tune_for_fixed_shapes(run.device)
     if run.device.type == "cpu" and not run.memory_checked and runtime.is_main_process():
-        guard.warn_if_too_big(raw, cfg.image_size, cfg.batch_size, cfg.accum_steps)
+        guard.warn_if_too_big(raw, max(stage_image_size(cfg, s) for s in cfg.stages), cfg.batch_size, cfg.accum_steps)
         run.memory_checked = True
     spe = steps_per_epoch(run)
     phase = "training"
@@ -274,6 +275,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
         try:
             for si in range(run.next_stage, len(cfg.stages)):
                 stage = cfg.stages[si]
+                run.aug.size = stage_image_size(cfg, stage)
                 params = apply_stage(raw, run.groups, stage)
                 net = _stage_model(run)
                 opt = make_optimizer(cfg, params, run.device)
@@ -350,7 +352,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
         except Exception as e:
             if not guard.is_out_of_memory(e):
                 raise
-            run.broken = str(guard.out_of_memory_error(run.device, cfg.batch_size, cfg.accum_steps, cfg.image_size, phase))
+            run.broken = str(guard.out_of_memory_error(run.device, cfg.batch_size, cfg.accum_steps, run.aug.size, phase))
             raise UserError(run.broken) from None
         finally:
             checkpoints.SAVER.wait()

@@ -301,7 +301,20 @@ def test_augmentation_reads_no_value_back_from_the_device():
 def test_channels_last_inputs_hold_the_same_values():
     images, labels = batch(8)
     a, b = aug("original", size=48, seed=3), aug("original", size=48, seed=3)
-    b.channels_last = True
+    a.channels_last, b.channels_last = False, True
     (xa, ya), (xb, yb) = a(images, labels), b(images, labels)
     assert xb.is_contiguous(memory_format=torch.channels_last) and not xa.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_reflect_fill_mirrors_the_image_where_a_shift_uncovers_the_border():
+    images = torch.full((4, 3, 32, 32), 200, dtype=torch.uint8)
+    images[:, :, :, :4] = 40  # a dark band along the left edge
+    a = aug("none", size=32, affine_translate=0.125, fill="reflect")
+    p = a.sample(4)
+    x = pixels(a.apply(images, torch.arange(4), p)[0])
+    assert (x > 0.1).all()  # nothing is black: what a shift uncovers is mirrored content
+    shifted = aug("none", size=32, affine_translate=0.125)  # the default: black, as torchvision fills
+    assert (pixels(shifted.apply(images, torch.arange(4), p)[0]) < 1e-5).any()
+    with pytest.raises(UserError, match="fill must be 'black' or 'reflect'"):
+        make_policy("crop", fill="wrap")

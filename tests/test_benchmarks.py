@@ -38,3 +38,30 @@ def test_runs_table_benchmark_runs(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(r.stdout)
     assert result["runs"] == 3 and result["epochs"] == 100 + 16 + 3 and len(result["cli_s"]["all"]) == 1
+
+
+def test_real_photo_benchmark_runs_both_sides_on_a_tiny_folder(tmp_path):
+    """bench_real.py on a small synthetic folder, random weights: the preset through the CLI,
+    then the plain loop, each one JSON line. (Its figures come from real photos: benchmarks/README.md.)"""
+    import torch
+    from PIL import Image
+
+    from cifarlib.synthetic import make_images
+    labels = torch.arange(48) % 3
+    for i, img in enumerate(make_images(labels, seed=0)):
+        folder = tmp_path / "photos" / ["cat", "dog", "frog"][int(labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    common = ["backbone=resnet18", "image_size=32", "batch_size=8", f"cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = []
+    for extra in ([], ["--reference", "epochs=2"]):
+        r = subprocess.run([sys.executable, "benchmarks/bench_real.py", str(tmp_path / "photos"), "none", *common, *extra],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    ours, reference = results
+    assert ours["who"] == "cpu preset" and ours["config"]["preset"] == "cpu" and ours["config"]["dataset"] == "folder"
+    assert reference["who"] == "reference (plain loop)" and reference["config"]["image_size"] == 32
+    for r in results:
+        assert 0 <= r["val_top1"] <= 1 and r["val_loss"] > 0 and 0 < r["train_val_s"] <= r["command_s"]

@@ -25,6 +25,7 @@ def write_run(root: Path, name: str, losses: list[tuple[str, float, float]], *, 
     layer slot and images_per_s (older histories have one `lr` column and no speed)."""
     folder = root / name
     folder.mkdir(parents=True)
+    cfg = {"epochs": 3, **cfg}  # the cpu preset at 3 epochs: head 1, all 2
     (folder / "config.json").write_text(json.dumps(to_dict(make_config("cpu", dataset="synthetic", backbone="resnet18",
                                                                        image_size=32, **cfg))))
     os.utime(folder / "config.json", (STARTED.timestamp(),) * 2)

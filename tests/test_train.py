@@ -1,5 +1,6 @@
 """Staged fine-tuning: configs, stages, schedules, the loop, checkpoints and resume."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from cifarlib import checkpoints, model as model_lib, sources, train
-from cifarlib.config import make_config, parse_value, scale_epochs
+from cifarlib.config import make_config, parse_value, scale_epochs, stage_image_size
 from cifarlib.errors import UserError
 
 # device="cpu": these tests mean the CPU (exact resumes, gloo) even on a machine with a GPU
@@ -90,6 +91,24 @@ def test_frozen_batchnorm_keeps_its_statistics():
     train.train_mode(net)
     net(torch.randn(4, 3, 32, 32) * 3 + 1)
     assert not torch.equal(net.bn1.running_mean, before) and net.bn1.training
+    train.apply_stage(net, groups, make_config("original").stages[0])  # head only again
+    train.train_mode(net, "train")  # the original's rule: a plain model.train()
+    moved = net.bn1.running_mean.clone()
+    net(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert not torch.equal(net.bn1.running_mean, moved) and net.bn1.training
+    assert make_config("original").frozen_bn == "train" and make_config("cpu").frozen_bn == "eval"
+
+
+def test_the_new_head_starts_at_zero_unless_asked_otherwise(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    zero = model_lib.build_model("resnet18", 10, "none").eval()
+    assert torch.equal(zero(x), torch.zeros(2, 10))  # uniform first predictions
+    default = model_lib.build_model("resnet18", 10, "none", head_init="default")
+    assert default.fc.weight.abs().sum() > 0
+    torch.save(default.state_dict(), tmp_path / "w.pt")
+    loaded = model_lib.build_model("resnet18", 10, str(tmp_path / "w.pt"))  # a head that fits is kept
+    assert torch.equal(loaded.fc.weight, default.fc.weight)
+    assert make_config("original").head_init == "default" and make_config("cpu").head_init == "zero"
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -98,12 +117,28 @@ def test_frozen_batchnorm_keeps_its_statistics():
     (dict(stages=[dict(name="x", share=1, groups=(), lr=())]), "trains nothing"),
     (dict(stages=[dict(name="x", share=1, groups=("head", "layer4"), lr=(0.1,))]), "1 learning rate.*2 group"),
     (dict(stages=[dict(name="x", share=1, groups=("neck",), lr=(0.1,))]), "unknown layer group"),
+    (dict(stages=[dict(name="x", share=1, groups=("head",), lr=(0.1,), image_size=-1)]), "image_size 0"),
+    (dict(stages=[dict(name="x", share=1, groups=("head",), lr=(0.1,), size=64)]), "unknown or missing field"),
+    (dict(stages='[{"name": "x", "share": 1,'), "stages must be a JSON list"),
+    (dict(frozen_bn="frozen"), "frozen_bn must be 'eval'.*or 'train'"),
+    (dict(head_init="random"), "head_init must be 'zero'"),
 ])
 def test_invalid_configs_fail_at_once(bad, msg):
     with pytest.raises(UserError, match=msg):
         make_config("original", **bad)
     with pytest.raises(UserError, match="unknown preset"):
         make_config("turbo")
+
+
+def test_stages_from_the_command_line_and_their_image_sizes():
+    text = '[{"name": "head", "share": 1, "groups": ["head"], "lr": [0.003], "image_size": 64}, ' \
+           '{"name": "all", "share": 2, "groups": ["layer4", "head"], "lr": [0.001, 0.01]}]'
+    cfg = make_config("cpu", stages=parse_value(text), epochs=3, image_size=96)
+    assert [(s.name, s.epochs, s.groups, s.lr) for s in cfg.stages] == [
+        ("head", 1, ("head",), (0.003,)), ("all", 2, ("layer4", "head"), (0.001, 0.01))]
+    assert [stage_image_size(cfg, s) for s in cfg.stages] == [64, 96]
+    small = make_config("cpu", image_size=48)  # the run's size caps a stage's own
+    assert [stage_image_size(small, s) for s in small.stages] == [48, 48]
 
 
 def test_values_are_read_as_papermill_reads_them():
@@ -127,6 +162,33 @@ def test_loss_falls_and_a_run_writes_self_describing_files(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(fresh(x), run.model.eval()(x))
     assert len(checkpoints.read_history(run.dir / "history.csv")) == 3
+
+
+def test_each_stage_trains_and_validates_at_its_own_size(tmp_path, monkeypatch):
+    from cifarlib import loop
+    trained, validated = [], []
+    real_augment, real_logits = train.BatchAugment.__call__, loop.logits
+
+    def augment(self, *a, **k):
+        out = real_augment(self, *a, **k)
+        trained.append(out[0].shape[-1])
+        return out
+
+    def logits(model, x, size, *a, **k):
+        validated.append(size)
+        return real_logits(model, x, size, *a, **k)
+    monkeypatch.setattr(train.BatchAugment, "__call__", augment)
+    monkeypatch.setattr(loop, "logits", logits)
+    run = train.prepare(tiny_cfg(tmp_path, epochs=2, max_train_samples=64, max_eval_samples=32, image_size=40))
+    stages = [(s.name, s.image_size) for s in run.cfg.stages]
+    assert stages == [("head", 64), ("all", 0)]  # the preset's head size, capped at 40 below
+    run.cfg = dataclasses.replace(run.cfg, stages=(dataclasses.replace(run.cfg.stages[0], image_size=24), run.cfg.stages[1]))
+    sizes = []
+    for _ in train.epochs(run):
+        checkpoints.SAVER.wait()  # last.pt is written in the background
+        sizes.append((run.aug.size, checkpoints.load(run.dir / "last.pt")["image_size"]))
+    assert sizes == [(24, 24), (40, 40)]
+    assert trained == sorted(trained) and set(trained) == {24, 40} and set(validated) == {24, 40}
 
 
 def test_existing_runs_are_never_overwritten_silently(tmp_path):
