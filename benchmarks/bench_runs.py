@@ -36,7 +36,7 @@ PRESETS = [("original", 100), ("fast", 16), ("cpu", 3)]
 
 def write_fake_run(folder: Path, i: int) -> None:
     preset, epochs = PRESETS[i % len(PRESETS)]
-    cfg = make_config(preset, dataset="cifar100", run_name=folder.name)
+    cfg = make_config(preset, dataset="cifar100", run_name=folder.name, epochs=epochs)
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     new = i % 3 != 2
