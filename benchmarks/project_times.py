@@ -9,7 +9,7 @@ are left out. The loops were measured at the batch size in each JSON, which may 
 preset's own.
 
     python benchmarks/project_times.py benchmarks/results/train_cpu_224.json
-    python benchmarks/project_times.py benchmarks/results/train_cpu_64.json benchmarks/results/train_cpu_96.json
+    python benchmarks/project_times.py benchmarks/results/train_cpu_64_2026-11-29.json benchmarks/results/train_cpu_88_2026-11-29.json
 """
 
 from __future__ import annotations
