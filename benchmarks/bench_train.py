@@ -76,9 +76,7 @@ def ours(a, images, labels, device, head_only: bool):
     """The project's own epoch function on windows of `steps` batches: yields images/s per window."""
     cfg = make_config("original", backbone=a.backbone, weights="none", image_size=a.image_size,
                       batch_size=a.batch_size, compile=a.compile, device=str(device))
-    model = build_model(a.backbone, 100, "none").to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(a.backbone, 100, "none").to(device, memory_format=runtime.memory_format(device))  # as training
     groups = layer_groups(model)
     stage = Stage("bench", 1, ("head",), (0.01,)) if head_only else Stage("bench", 1, GROUPS, (1e-3,) * 6)
     params = train.apply_stage(model, groups, stage)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cifarlib import checkpoints, train
+from cifarlib import checkpoints, runtime, train
 from cifarlib.augment import BatchAugment, make_policy
 from cifarlib.config import Stage, make_config
 from cifarlib.data import Split
@@ -49,7 +49,7 @@ def sync_probe(a, device) -> dict:
                 "tests/test_gpu_path.py runs an epoch on the meta device, where any host read raises"}
     cfg = make_config("fast", backbone=a.backbone, weights="none", image_size=a.image_size,
                       batch_size=a.batch_size, device=str(device))
-    model = build_model(a.backbone, 100, "none").to(device, memory_format=torch.channels_last)
+    model = build_model(a.backbone, 100, "none").to(device, memory_format=runtime.memory_format(device))
     groups = layer_groups(model)
     stage = Stage("all", 1, GROUPS, (1e-3,) * 6)
     opt = train.make_optimizer(cfg, train.apply_stage(model, groups, stage), device)
@@ -84,12 +84,11 @@ def sync_probe(a, device) -> dict:
 def _is_scheduled(site: str) -> bool:
     """Whether a sync comes from one of the loop's scheduled checks (by its source line)."""
     import inspect
+    from cifarlib import loop
     name, line = site.rsplit(":", 1)
-    if name != Path(train.__file__).name:
+    if name != Path(loop.__file__).name:
         return False
-    for fn in (train._all_sum, getattr(train, "scheduled_check", None)):
-        if fn is None:
-            continue
+    for fn in (loop.scheduled_check, loop.world_sums):  # the scheduled flags, the epoch's loss
         lines, start = inspect.getsourcelines(fn)
         if start <= int(line) < start + len(lines):
             return True
