@@ -72,12 +72,16 @@ def interrupted_message(epoch: int, step: int, run_name: str) -> str:
     return line
 
 
-def non_finite_error(epoch: int, step: int, stage: str, rates: dict[str, float], fp16: bool) -> UserError:
+def non_finite_error(epoch: int, step: int | None, stage: str, rates: dict[str, float], fp16: bool) -> UserError:
+    """A NaN or infinite loss: the training loss at `step`, or (`step` None) the validation loss
+    at the end of `epoch`."""
     lrs = ", ".join(f"{k} {v:.3g}" for k, v in rates.items())
+    what = (f"the training loss became NaN or infinite at epoch {epoch}, step {step}" if step is not None
+            else f"the validation loss became NaN or infinite after epoch {epoch}")
     return UserError(
-        f"the training loss became NaN or infinite at epoch {epoch}, step {step}, in stage {stage!r} "
-        f"(learning rates: {lrs}). That step was not applied, and nothing since the last saved epoch "
-        "was written: best.pt, last.pt and history.csv are as they were. Likely causes: a learning "
+        f"{what}, in stage {stage!r} (learning rates: {lrs}). "
+        + ("That step was not applied, and n" if step is not None else "N")
+        + "othing since the last save was written: best.pt, last.pt and history.csv are as they were. Likely causes: a learning "
         "rate too high for this batch size (lower the stage's rates, or the batch size with them), "
         "bad input data (images or labels out of range)"
         + (", or fp16 overflow (this GPU has no bf16; a smaller learning rate usually cures it)" if fp16 else "")
@@ -98,12 +102,16 @@ def is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def out_of_memory_error(device: torch.device, batch_size: int, accum_steps: int, image_size: int, what: str) -> UserError:
+def _remedies(batch_size: int, accum_steps: int) -> str:
     half = max(1, batch_size // 2)
+    return (f"Remedies: batch_size={half} with accum_steps={accum_steps * batch_size // half} keeps the recipe "
+            "(the same images per optimizer step), or a smaller image_size.")
+
+
+def out_of_memory_error(device: torch.device, batch_size: int, accum_steps: int, image_size: int, what: str) -> UserError:
     return UserError(
         f"out of memory on {device} ({device_memory(device)}) during {what}, at batch_size={batch_size}, "
-        f"image_size={image_size}. Remedies: batch_size={half} with accum_steps={accum_steps * batch_size // half} "
-        f"keeps the recipe (the same images per optimizer step), or a smaller image_size. Nothing already "
+        f"image_size={image_size}. {_remedies(batch_size, accum_steps)} Nothing already "
         "saved is lost: best.pt and last.pt hold the last saved state.")
 
 
@@ -145,9 +153,7 @@ def warn_if_too_big(model: nn.Module, image_size: int, batch_size: int, accum_st
     more memory than is available. Returns the estimate in bytes."""
     need, have = step_memory(model, image_size, batch_size), runtime.available_memory(torch.device("cpu"))
     if have is not None and need > have:
-        half = max(1, batch_size // 2)
         print(f"warning: a training step at batch_size={batch_size}, image_size={image_size} needs about "
               f"{need / 2**30:.1f} GiB, and {have / 2**30:.1f} GiB is available: it may swap or be killed. "
-              f"Remedies: batch_size={half} with accum_steps={accum_steps * batch_size // half} keeps the recipe, "
-              "or a smaller image_size.", file=sys.stderr, flush=True)
+              f"{_remedies(batch_size, accum_steps)}", file=sys.stderr, flush=True)
     return need

@@ -9,9 +9,10 @@ end. A check all-reduces, in one small tensor, the stop flag that signals set, t
 step whose loss was not finite, and whether a periodic save is due, so that under torchrun
 every rank acts at the same step.
 
-A non-finite loss never reaches the weights: on CUDA the fused optimizer skips that step on the
-device (`found_inf`, as GradScaler uses it), and the flag is read at the next check; on the CPU
-it is read before the step.
+A non-finite loss never reaches the weights: on CUDA the fused optimizer (or, with fp16, the
+gradient scaler) skips that step on the device (`found_inf`), and the flag is read at the next
+check; elsewhere (the CPU, where it costs nothing; Apple's MPS, which has neither) it is read
+before the step.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def train_steps(run: Run, model: nn.Module, opt, sched, scaler, pos: Position,
             if stepping:
                 if skip_on_device:  # the fused kernels skip the update where found_inf is set
                     opt.grad_scale, opt.found_inf = None, step_bad.float().reshape(1)
-                elif dev.type == "cpu" and step_bad.item():
+                elif dev.type in ("cpu", "mps") and step_bad.item():  # no fused skip there: look now
                     pos.bad_step = i + 1
                     return "non-finite"  # not applied: the weights are as after the last good step
                 scaler.step(opt)

@@ -4,12 +4,13 @@
     for row in epochs(run):      # trains; each row is also in run.history and history.csv
         print(format_row(row, run))
 
-Each stage trains its layer groups (everything else frozen) with its own optimizer and a
-one-cycle schedule sized to its exact number of optimizer steps. Frozen groups are fully frozen:
-their BatchNorm layers stay in eval mode, so their running statistics keep the pretrained values
-rather than drifting towards CIFAR's upsampled images while nothing else in them can adapt (and
-the head-only stage then costs a forward pass of the backbone, no backward). Early stopping
-watches the validation loss, with its counter reset at each stage.
+Each stage trains its layer groups (everything else frozen) at its own image size, with its own
+optimizer and a one-cycle schedule sized to its exact number of optimizer steps. Frozen groups
+get no gradient (the head-only stage costs a forward pass of the backbone, no backward); with
+`frozen_bn="eval"` (every preset but `original`) their BatchNorm layers stay in eval mode and
+keep the pretrained statistics, with "train" they go on updating them, as a plain
+`model.train()` does. Early stopping watches the validation loss, with its counter reset at
+each stage.
 
 On CUDA: bf16 autocast (fp16 with a gradient scaler where bf16 is missing), channels_last,
 fused optimizers, cuDNN autotuning, optional torch.compile. Under torchrun:
@@ -47,12 +48,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoints, guard, runtime
+from . import checkpoints, guard, runstate, runtime
 from .augment import BatchAugment, make_policy
 from .config import PRESETS, Config, from_dict, make_config, parse_value, stage_image_size, to_dict
 from .data import CifarData, Split, load_cifar
 from .errors import UserError, cli_errors
-from .loop import (CHECK_EVERY_GPU, Position, apply_stage, check_every, load_scaler_state,  # noqa: F401
+from .loop import (CHECK_EVERY_GPU, Position, apply_stage, load_scaler_state,  # noqa: F401
                    make_optimizer, make_scaler, make_schedule, train_epoch, train_loader, train_mode,
                    train_steps, validate, world_sums)
 from .model import GROUPS, build_model, layer_groups
@@ -138,7 +139,7 @@ def prepare(cfg: Config) -> Run:
         r = saved["resume"]
         run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
         run.next_stage, run.next_epoch, run.resume_state = r["next_stage"], r["next_epoch"], r
-        _restore_rng(run, r["rng"], rank)
+        runstate.restore_rng(run, r["rng"], rank)
     elif runtime.is_main_process():
         checkpoints.write_json(to_dict(cfg), path / "config.json")
     return run
@@ -146,77 +147,6 @@ def prepare(cfg: Config) -> Run:
 
 def steps_per_epoch(run: Run) -> int:
     return math.ceil(len(train_loader(run)) / run.cfg.accum_steps)
-
-
-def _checkpoint(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[str, Any]:
-    d = run.data
-    return {"format": checkpoints.FORMAT, "backbone": run.cfg.backbone, "dataset": d.name,
-            "classes": list(d.classes), "superclasses": d.superclasses,
-            "fine_to_coarse": None if d.fine_to_coarse is None else d.fine_to_coarse.tolist(),
-            "mean": list(run.aug.mean), "std": list(run.aug.std), "image_size": run.aug.size,  # the stage's
-            "store_size": run.cfg.store_size,
-            "config": to_dict(run.cfg), "model": model_state, "history": list(run.history), **extra}
-
-
-def _rng_states(run: Run) -> dict[str, Any]:
-    """Every random state that training draws from: each rank's augmentation generator (and
-    CUDA generator), and the CPU's. Under torchrun, a collective."""
-    mine = [run.aug.generator.get_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None]
-    ranks = [mine]
-    if dist.is_initialized():
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
-    return {"augment": [r[0] for r in ranks], "cuda": [r[1] for r in ranks], "torch": torch.get_rng_state()}
-
-
-def _restore_rng(run: Run, rng: dict[str, Any], rank: int) -> None:
-    states = rng["augment"]
-    run.aug.generator.set_state(states[rank % len(states)])
-    torch.set_rng_state(rng["torch"])
-    cuda = rng.get("cuda") or [None]
-    if run.device.type == "cuda" and cuda[rank % len(cuda)] is not None:
-        torch.cuda.set_rng_state(cuda[rank % len(cuda)], run.device)
-
-
-def _resume_state(run: Run, si: int, pos: Position | None, opt, sched, scaler, stage_best: float, bad: int) -> dict[str, Any]:
-    """What `last.pt` needs to go on exactly where the run stands: after an epoch (`pos` None),
-    or at `pos` inside one. Under torchrun a collective (random states, the epoch's sums)."""
-    state = {"stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-             "stage_best": stage_best, "bad_epochs": bad, "best_val_loss": run.best_val_loss, "rng": _rng_states(run)}
-    if pos is not None:
-        loss_sum, seen = world_sums(pos.loss_sum, pos.seen)
-        state.update(step=pos.step, order=pos.order, loss_sum=loss_sum, seen=int(seen),
-                     train_seconds=pos.train_seconds, seconds=pos.seconds)
-    return state
-
-
-def _submit(run: Run, last: dict[str, Any], best: dict[str, Any] | None, rows: bool) -> None:
-    """Copy what is to be saved to CPU memory now; the background saver writes best.pt (when
-    validation improved), last.pt and, after an epoch, history.csv and loss_curves.png."""
-    from .plots import loss_curves, save_png  # matplotlib only where curves are drawn
-
-    t0 = time.perf_counter()
-    state = run.model.state_dict()
-    last = checkpoints.snapshot(_checkpoint(run, state, last))
-    best = None if best is None else {k: v for k, v in last.items() if k != "resume"} | best
-    history, folder = last["history"], run.dir
-
-    def job() -> None:
-        if best is not None:
-            checkpoints.save(best, folder / "best.pt")
-        checkpoints.save(last, folder / "last.pt")
-        if rows:
-            checkpoints.write_history(history, folder / "history.csv")
-            save_png(loss_curves(history), folder / "loss_curves.png")
-    checkpoints.SAVER.submit(job)
-    run.saving_seconds += time.perf_counter() - t0
-    run.last_save = time.monotonic()
-
-
-def _save_position(run: Run, state: dict[str, Any]) -> None:
-    if runtime.is_main_process():
-        _submit(run, {"metrics": run.history[-1] if run.history else None, "resume": state}, None, rows=False)
 
 
 def _stage_model(run: Run) -> nn.Module:
@@ -259,8 +189,8 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
     to the background saver (they are complete when the generator ends, or is closed).
 
     Raises `guard.Interrupted` after a signal (its position saved; calling `epochs(run)` again
-    continues there), and `UserError` for a non-finite loss or a lack of memory (nothing of the
-    failed epoch saved; continue from the last save with `prepare(... resume=True)`).
+    continues there), and `UserError` for a non-finite loss or a lack of memory (nothing written
+    after the last save; continue from it with `prepare(... resume=True)`).
     """
     if run.broken:
         raise UserError(run.broken)
@@ -302,7 +232,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
                         if _agree(run, stop.signum is not None):
                             event = "stop"
                         else:
-                            event = train_steps(run, net, opt, sched, scaler, pos, stop, lambda: _save_due(run))
+                            event = train_steps(run, net, opt, sched, scaler, pos, stop, lambda: runstate.save_due(run))
                         pos.seconds = time.time() - start
                         if event == "done":
                             break
@@ -311,8 +241,8 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
                                                                     runtime.autocast(run.device)[1] == torch.float16))
                             raise UserError(run.broken)
                         run.next_stage, run.next_epoch = si, e
-                        state = _resume_state(run, si, pos, opt, sched, scaler, stage_best, bad)
-                        _save_position(run, state)
+                        state = runstate.resume_state(run, si, pos, opt, sched, scaler, stage_best, bad)
+                        runstate.save_position(run, state)
                         if event == "stop":
                             checkpoints.SAVER.wait()  # on disk before the process may end
                             run.resume_state = state
@@ -324,7 +254,9 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
                     pos.seconds = time.time() - start
                     train_loss = loss_sum / max(seen, 1)
                     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                        run.broken = str(guard.non_finite_error(pos.epoch + 1, pos.step, stage.name, _rates(opt), False))
+                        fp16 = runtime.autocast(run.device)[1] == torch.float16
+                        run.broken = str(guard.non_finite_error(pos.epoch + 1, None if math.isfinite(train_loss) else pos.step,
+                                                                stage.name, _rates(opt), fp16))
                         raise UserError(run.broken)
                     stage_best, bad = (val_loss, 0) if val_loss < stage_best else (stage_best, bad + 1)
                     stopped = bad >= cfg.patience
@@ -333,12 +265,12 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
                     done = stopped or e + 1 == stage.epochs
                     run.next_stage = (len(cfg.stages) if stopped and cfg.stop_ends_run else si + 1) if done else si
                     run.next_epoch = 0 if done else e + 1
-                    state = _resume_state(run, si, None, opt, sched, scaler, stage_best, bad)
+                    state = runstate.resume_state(run, si, None, opt, sched, scaler, stage_best, bad)
                     if runtime.is_main_process():
                         improved = val_loss < run.best_val_loss
                         run.best_val_loss = min(run.best_val_loss, val_loss)
                         state["best_val_loss"] = run.best_val_loss
-                        _submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
+                        runstate.submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
                     yield row
                     if stopped:
                         break
@@ -360,13 +292,6 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
 
 def _rates(opt) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in opt.param_groups}
-
-
-def _save_due(run: Run) -> bool:
-    """A periodic save is due (rank 0's clock decides; the check makes every rank agree)."""
-    every = run.cfg.save_every_minutes * 60
-    return (every > 0 and runtime.is_main_process() and time.monotonic() - run.last_save >= every
-            and not checkpoints.SAVER.busy())
 
 
 def _usage() -> str:

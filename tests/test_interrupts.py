@@ -196,6 +196,13 @@ def test_a_non_finite_loss_stops_the_run_and_touches_no_file(root, one_thread):
         next(train.epochs(run))
 
 
+def test_a_non_finite_validation_loss_is_named_as_such():
+    message = str(guard.non_finite_error(3, None, "all", {"head": 0.1}, fp16=False))
+    assert message.startswith("the validation loss became NaN or infinite after epoch 3, in stage 'all'")
+    assert "That step" not in message and "fp16" not in message
+    assert "fp16 overflow" in str(guard.non_finite_error(3, 7, "all", {"head": 0.1}, fp16=True))
+
+
 def test_out_of_memory_is_one_message_with_the_remedies(root, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "available_memory", lambda device: 10 * 2**20)  # 10 MiB
     run = train.prepare(tiny(root, "oom"))
