@@ -116,13 +116,21 @@ def test_float_arrays_are_taken_as_zero_to_one():
     assert (out.float() - 127.5).abs().max() <= 1
 
 
-def test_any_store_size_and_big_jpegs_decoded_at_a_reduced_scale_look_the_same():
+def test_any_store_size_and_big_jpegs_decoded_at_a_reduced_scale_look_the_same(monkeypatch):
     # a smooth 1200x900 photo-like gradient: the reduced-scale JPEG decode must not show
     y, x = np.mgrid[0:900, 0:1200]
     a = np.stack([x * 255 // 1200, y * 255 // 900, (x + y) * 255 // 2100], -1).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, "JPEG", quality=95)
+    from PIL.JpegImagePlugin import JpegImageFile
+    drafts, draft = [], JpegImageFile.draft
+
+    def spy(im, mode, size):
+        drafts.append(draft(im, mode, size))
+        return drafts[-1]
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
     drafted = cifar_like(buf.getvalue(), 64)  # from the file: decoded at 1/4 scale, 300x225
+    assert drafts and drafts[0] is not None and drafts[0][1][2:] == (300, 225)  # it was reduced
     full = cifar_like(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 64)  # fully decoded first
     assert drafted.shape == full.shape == (3, 64, 64)
     assert (drafted.float() - full.float()).abs().mean() < 2

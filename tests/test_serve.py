@@ -2,6 +2,8 @@
 (The served page itself is tested in a browser: tests/test_app_browser.py.)"""
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +36,11 @@ def test_an_unusable_checkpoint_is_a_clear_error_naming_it_and_make_demo(kind, t
 
 def test_the_newest_best_pt_is_served_by_default(tmp_path, trained_checkpoint):
     assert serve.pick_checkpoint("", root=str(trained_checkpoint.parents[1])) == trained_checkpoint
+    for name, when in (("older", 1_000_000), ("newer", 2_000_000), ("oldest", 500_000)):  # not in name order
+        (tmp_path / name).mkdir()
+        shutil.copy(trained_checkpoint, tmp_path / name / "best.pt")
+        os.utime(tmp_path / name / "best.pt", (when, when))
+    assert serve.pick_checkpoint("", root=str(tmp_path)) == tmp_path / "newer" / "best.pt"
     assert serve.pick_checkpoint(str(trained_checkpoint)) == trained_checkpoint
 
 
