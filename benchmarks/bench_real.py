@@ -3,6 +3,7 @@ plain fine-tuning loop, on the same validation split of the same folder, one aft
 
     python benchmarks/bench_real.py DATA WEIGHTS [key=value ...]
     python benchmarks/bench_real.py DATA WEIGHTS --reference [image_size=96 epochs=2]
+    python benchmarks/bench_real.py DATA WEIGHTS --out benchmarks/results/real_cpu_trials.jsonl  # keep it
 
 DATA is an image folder or archive (`dataset=folder`), WEIGHTS a state_dict for the backbone
 (`tf_efficientnet_lite0` unless `backbone=` says otherwise). Without `--reference`, this runs
@@ -170,6 +171,7 @@ def main() -> None:
     p.add_argument("data", help="an image folder or archive (dataset=folder)")
     p.add_argument("weights", help="a state_dict file for the backbone (or none: random, to check the script)")
     p.add_argument("--reference", action="store_true", help="run the plain loop instead of the cpu preset")
+    p.add_argument("--out", metavar="FILE", help="also append the JSON line to FILE")
     p.add_argument("--plain-loop", metavar="OUT", help=argparse.SUPPRESS)  # the timed child process
     p.add_argument("settings", nargs="*", help="key=value overrides (as for python -m cifarlib.train)")
     a = p.parse_intermixed_args()
@@ -184,6 +186,9 @@ def main() -> None:
     result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                   load_average=[round(x, 2) for x in os.getloadavg()])
     print(json.dumps(result), flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

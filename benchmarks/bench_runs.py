@@ -1,7 +1,7 @@
 """How long the runs table takes: `cifarlib.runs.table` over many run folders, and the CLI.
 
 Writes --runs fake run folders into a temporary folder, as the training loop and notebook 04
-write them: `config.json` from a real preset (original 100 epochs, fast 16, cpu 3, in turn),
+write them: `config.json` from a real preset (original at 100 epochs, fast at 16, cpu at 3, in turn),
 `history.csv` with every planned epoch (two runs in three in the newer format, with a learning
 rate per layer slot and images_per_s; the rest with one `lr` column), and a full-size
 `metrics.json` (100 per-class accuracies, reliability bins, superclass confusion) for every
