@@ -68,8 +68,8 @@ def autocast(device: torch.device):
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA and on the CPU, where convolutions run fastest in it (on this
-    project's 2-core CPU, a training step of ResNet-50 at 64 px ran 1.08x faster, of
-    EfficientNet-Lite0 1.9x: benchmarks/README.md); the default on others (Apple's MPS supports
+    project's 2-core CPU, a training step of ResNet-50 at 64 px ran 1.1x faster, of
+    EfficientNet-Lite0 1.7x: benchmarks/bench_layout.py); the default on others (Apple's MPS supports
     it unevenly)."""
     import torch
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.preserve_format
