@@ -65,13 +65,38 @@ def _prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
         if not (path / "last.pt").is_file():
             raise UserError(f"cannot resume: {path / 'last.pt'} does not exist. Check run_name, "
                             "or start a new run with resume=False.")
+        check_writable(path)
         return
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise UserError(f"the run folder {path} already exists. Pass resume=True to continue it, "
-                            "overwrite=True to replace it, or choose another run_name.")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise UserError(f"the run folder {path} already exists. Pass resume=True to continue it, "
+                                "overwrite=True to replace it, or choose another run_name.")
+            shutil.rmtree(path)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    check_writable(path)
+
+
+def _unwritable(path: Path, e: OSError) -> UserError:
+    return UserError(f"the checkpoint folder {path} cannot be created or written ({e.strerror or e}). "
+                     "Choose another checkpoint_dir, on a disk you can write to.")
+
+
+def check_writable(root: str | os.PathLike) -> None:
+    """Make the folder `root` (a checkpoint_dir, or a run folder in it) if it is missing, and
+    write and delete a file there; a folder that cannot be made or written (a read-only disk, a
+    file in its place, a path under /proc) is one `UserError` naming it. Call it before any data
+    loads, so that a run does not find out at its first save."""
+    path = runtime.resolve_path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        full = disk_full(e, path, "nothing was written", "Free some space, or choose another checkpoint_dir.")
+        raise (full or _unwritable(path, e)) from None
 
 
 def write_atomically(path: Path, data: bytes | Callable[[Any], Any],

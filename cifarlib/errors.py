@@ -12,16 +12,33 @@ from __future__ import annotations
 import errno
 import sys
 from contextlib import contextmanager
+from typing import Iterator
 
 
 class UserError(Exception):
     """A problem the user can fix; its message says what happened and how to fix it."""
 
 
+def chain(e: BaseException | None) -> Iterator[BaseException]:
+    """`e`, then the exception it was raised from or while handling (`__cause__`, else
+    `__context__`), and so on. Libraries wrap the system's error: `torch.save` turns a failed
+    write into a `RuntimeError` raised while handling the `OSError` (errno 28 on a full disk)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The first `OSError` along `e`'s chain, or None."""
+    return next((x for x in chain(e) if isinstance(x, OSError)), None)
+
+
 def disk_full(e: BaseException, path, kept: str, fix: str) -> UserError | None:
     """The one message for a full disk (or an exhausted quota) while writing `path`, saying what
-    was kept and how to go on; None for any other error."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    was kept and how to go on; None for any other error. The whole chain of `e` is looked at."""
+    if any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain(e)):
         return UserError(f"no space left on the disk while writing {path}; {kept}. {fix}")
     return None
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import runtime
 from .checkpoints import write_atomically
-from .errors import UserError, notice
+from .errors import UserError, notice, os_error
 from .preprocess import cifar_like
 
 VERSION = 1
@@ -142,9 +142,12 @@ def _write(path: Path, c: Cache) -> None:
             write_atomically(path.with_suffix(".skipped.txt"), failed.encode(), full_disk_fix=None)
         else:
             path.with_suffix(".skipped.txt").unlink(missing_ok=True)
-    except OSError as e:  # a full disk, a read-only cache_dir: the images are here all the same
-        notice(f"could not write the image cache {path} ({e.strerror or e}); the images are used all the "
-               "same, and will be decoded again next time. Free some space, or choose another cache_dir.")
+    except Exception as e:  # a full disk, a read-only cache_dir: the images are here all the same
+        cause = os_error(e)  # torch.save raises a RuntimeError chained on the OSError
+        if cause is None:
+            raise
+        notice(f"could not write the image cache {path} ({cause.strerror or cause}); the images are used all "
+               "the same, and will be decoded again next time. Free some space, or choose another cache_dir.")
 
 
 def _merge(old: Cache, keep: list[int], paths: list[str], sizes: list[int], mtimes: list[int],

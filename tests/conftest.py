@@ -1,3 +1,6 @@
+import errno
+import os
+
 import pytest
 
 from cifarlib import synthetic
@@ -33,3 +36,37 @@ def trained_checkpoint(tmp_path_factory):
     for _ in train.epochs(run):
         pass
     return run.dir / "best.pt"
+
+
+class FillsUp:
+    """A file whose writes fail with ENOSPC once `room` bytes are written, as on a full disk."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """`full_disk(room)`: from then on, files that cifarlib writes atomically (through
+    `os.fdopen`) fill up after `room` bytes."""
+    real = os.fdopen
+
+    def fill_after(room: int) -> None:
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: FillsUp(real(*a, **k), room))
+    return fill_after

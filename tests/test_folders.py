@@ -172,6 +172,15 @@ def test_a_cache_that_cannot_be_written_costs_a_notice_not_the_data(tmp_path, ca
     assert not list((tmp_path / "cache" / "image-cache").glob("*.pt"))
 
 
+def test_a_disk_that_fills_up_while_the_cache_is_written_costs_a_notice_not_the_data(tmp_path, capfd, full_disk):
+    make_folder(tmp_path / "p", per_class=3)
+    full_disk(1000)  # torch.save then raises a RuntimeError chained on the OSError, not the OSError
+    d = load(tmp_path / "p", tmp_path / "cache", store_size=64)
+    assert len(d.train) + len(d.val) == 9
+    assert "could not write the image cache" in capfd.readouterr().err
+    assert not list((tmp_path / "cache" / "image-cache").iterdir())  # no temporary file left either
+
+
 def pack(folder: Path, archive: Path, arcname: str) -> Path:
     if archive.suffix == ".zip":  # as macOS writes them, with a __MACOSX/ folder of ._ files beside
         with zipfile.ZipFile(archive, "w") as zf:
