@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import zipfile
@@ -57,15 +58,24 @@ def _visible(folder: str | Path) -> list[os.DirEntry]:
         raise UserError(f"cannot read the folder {folder} ({e.strerror or e}).") from None
 
 
+def _is_dir(e: os.DirEntry) -> bool:
+    """Whether `e` is a folder, or a link to one; a link that cannot be followed (broken, or a
+    link to itself) is not."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
 def unwrap(folder: Path) -> Path:
     """Go down through wrapping folders: while `folder` holds exactly one folder and no files,
     and that folder holds only folders and is not named like a split."""
     while True:
         entries = _visible(folder)
-        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name.lower() in SPLIT_NAMES:
+        if len(entries) != 1 or not _is_dir(entries[0]) or entries[0].name.lower() in SPLIT_NAMES:
             return folder
         inner = _visible(entries[0].path)
-        if not inner or not all(e.is_dir() for e in inner):  # empty, or a class folder
+        if not inner or not all(_is_dir(e) for e in inner):  # empty, or a class folder
             return folder
         folder = Path(entries[0].path)
 
@@ -139,15 +149,29 @@ class Listing:
     skipped: list[str]             # "path: reason" for files outside any class folder
 
 
-def _walk(folder: str, rel: str, out: Listing, label: int, labels: list[int]) -> None:
+def _real_ids(folder: str) -> set[tuple[int, int]]:
+    """(device, inode) of `folder` and of every folder above it, links resolved."""
+    return {(st.st_dev, st.st_ino) for st in map(os.stat, (folder, *Path(folder).resolve().parents))}
+
+
+def _walk(folder: str, rel: str, out: Listing, label: int, labels: list[int],
+          above: set[tuple[int, int]]) -> None:
+    """List the files below `folder` into `out`. `above` holds the real folders this walk is
+    inside: a link to one of them is a loop (its target holds the link again), which is noted in
+    `out.skipped` and not followed."""
     for e in _visible(folder):
-        if e.is_dir():
-            _walk(e.path, f"{rel}{e.name}/", out, label, labels)
-            continue
         try:
-            st = e.stat()
-        except OSError as err:  # a broken link, say
+            st = e.stat()  # through links
+        except OSError as err:  # a broken link, a link to itself
             out.skipped.append(f"{rel}{e.name}: unreadable ({err.strerror})")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in above:
+                out.skipped.append(f"{rel}{e.name}: a link to {os.path.realpath(e.path)}, a folder it is "
+                                   "itself in (a loop): not followed")
+            else:
+                _walk(e.path, f"{rel}{e.name}/", out, label, labels, above | {key})
             continue
         out.paths.append(rel + e.name)
         out.sizes.append(st.st_size)
@@ -157,12 +181,12 @@ def _walk(folder: str, rel: str, out: Listing, label: int, labels: list[int]) ->
 
 def _class_folders(split_dir: Path, rel: str, out: Listing) -> list[str]:
     entries = _visible(split_dir)
-    out.skipped += [f"{rel}{e.name}: not inside a class folder" for e in entries if not e.is_dir()]
-    return [e.name for e in entries if e.is_dir()]
+    out.skipped += [f"{rel}{e.name}: not inside a class folder" for e in entries if not _is_dir(e)]
+    return [e.name for e in entries if _is_dir(e)]
 
 
 def _split_folders(root: Path) -> tuple[dict[str, Path], list[str]]:
-    top = {e.name.lower(): e for e in _visible(root) if e.is_dir()}
+    top = {e.name.lower(): e for e in _visible(root) if _is_dir(e)}
     vals = [top[n].name for n in VAL_NAMES if n in top]
     if len(vals) > 1:
         raise UserError(f"{root} has {len(vals)} validation folders ({', '.join(v + '/' for v in vals)}); "
@@ -201,7 +225,7 @@ def list_folder(root: Path) -> Listing:
         first, labels = len(out.paths), []
         for label, name in enumerate(names):
             before = len(labels)
-            _walk(str(folder / name), f"{rel}{name}/", out, label, labels)
+            _walk(str(folder / name), f"{rel}{name}/", out, label, labels, _real_ids(str(folder / name)))
             if len(labels) == before:
                 raise UserError(f"the class folder {folder / name} has no usable image (no files in it).")
         out.splits[split] = Split(torch.arange(first, len(out.paths)), torch.tensor(labels, dtype=torch.int64))
@@ -257,7 +281,7 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
     files = torch.from_numpy(np.unique(torch.cat([s.images for s in picked.values()]).numpy()))
     _check_fits(len(files), store_size, dev)
     if listing.skipped:
-        notice(f"{len(listing.skipped)} file(s) outside the class folders are ignored: "
+        notice(f"{len(listing.skipped)} file(s) or folder(s) are ignored: "
                + "; ".join(listing.skipped[:3]) + ("; ..." if len(listing.skipped) > 3 else ""))
     with runtime.main_process_first():
         images, reasons = imagecache.load(listing.root, listing.paths, listing.sizes, listing.mtimes,

@@ -181,6 +181,21 @@ def test_a_disk_that_fills_up_while_the_cache_is_written_costs_a_notice_not_the_
     assert not list((tmp_path / "cache" / "image-cache").iterdir())  # no temporary file left either
 
 
+def test_links_that_loop_are_named_and_not_followed(tmp_path, capfd):
+    root = make_folder(tmp_path / "p", per_class=2)
+    (root / "cat" / "up").symlink_to("..")  # back to the top: each class again, and "up" again, forever
+    (root / "dog" / "more").symlink_to(tmp_path / "elsewhere")  # a folder outside, which links back
+    make_folder(tmp_path / "elsewhere", classes=("extra",), per_class=1)
+    (tmp_path / "elsewhere" / "back").symlink_to(root / "dog")
+    (root / "frog" / "me").symlink_to("me")  # a link to itself
+    d = load(root, tmp_path / "cache", val_fraction=0)
+    assert d.classes == ["cat", "dog", "frog"] and torch.equal(torch.bincount(d.train.labels), torch.tensor([2, 3, 2]))
+    loops = [f"cat/up: a link to {root}, a folder it is itself in (a loop): not followed",
+             f"dog/more/back: a link to {root / 'dog'}, a folder it is itself in (a loop): not followed"]
+    assert set(loops) <= set(d.skipped) and "frog/me: unreadable (Too many levels of symbolic links)" in d.skipped
+    assert f"file(s) or folder(s) are ignored: {loops[0]}" in capfd.readouterr().err
+
+
 def pack(folder: Path, archive: Path, arcname: str) -> Path:
     if archive.suffix == ".zip":  # as macOS writes them, with a __MACOSX/ folder of ._ files beside
         with zipfile.ZipFile(archive, "w") as zf:
