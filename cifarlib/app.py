@@ -12,14 +12,16 @@ import html
 import io
 
 import ipywidgets as widgets
-from PIL import Image, ImageOps
+import torch
+from PIL import Image
 
 from .errors import UserError
 from .predict import Prediction, Predictor
-from .preprocess import _to_rgb, cifar_like
+from .preprocess import decode, fit
 
 ACCEPT = ".jpg,.jpeg,.png,.webp"
 MAX_BYTES = 20_000_000  # larger files are refused on their size, before any decoding
+THUMBNAIL = 160  # the longer side of the picture as shown
 
 
 def bars(p: Prediction) -> str:
@@ -37,10 +39,20 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def stored_image(picture, size: int) -> Image.Image:
-    """The picture as the model sees it: made CIFAR-like, at the checkpoint's stored size."""
-    x = cifar_like(picture, size)
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """uint8 (3, H, W) -> a PIL image."""
     return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def views(content, size: int) -> tuple[Image.Image, torch.Tensor]:
+    """The picture decoded once (at a scale where both sides stay at least max(2 x `size`,
+    `THUMBNAIL`), so that a large JPEG decodes fast and its thumbnail is still sharp), and from that
+    one decode: the thumbnail shown, and the uint8 (3, size, size) image the model sees (made
+    CIFAR-like, at the checkpoint's stored size)."""
+    picture = decode(content, max(2 * size, THUMBNAIL))
+    seen = fit(picture, size)
+    picture.thumbnail((THUMBNAIL, THUMBNAIL))
+    return picture, seen
 
 
 class UploadApp:
@@ -86,15 +98,11 @@ class UploadApp:
         if size > MAX_BYTES:  # before decoding anything
             raise UserError(f"the file is {size / 1e6:.1f} MB, above the limit of {MAX_BYTES / 1e6:.0f} MB; "
                             "save the picture smaller (the model sees it at a few dozen pixels anyway).")
-        data = bytes(content)
-        p = self.predictor.predict(data, top_k=self.top_k)
-        picture = Image.open(io.BytesIO(data))
-        seen = stored_image(picture, self.size)
-        seen = seen.resize((self.size * max(1, 128 // self.size),) * 2, Image.NEAREST)
-        shown = _to_rgb(ImageOps.exif_transpose(picture))
-        shown.thumbnail((160, 160))
+        shown, seen = views(content, self.size)
+        p = self.predictor.predict(seen.permute(1, 2, 0).numpy(), top_k=self.top_k)
+        big = (self.size * max(1, 128 // self.size),) * 2
         return p, widgets.HBox([widgets.Image(value=_png(shown), format="png"),
-                                widgets.Image(value=_png(seen), format="png")])
+                                widgets.Image(value=_png(to_pil(seen).resize(big, Image.NEAREST)), format="png")])
 
     @staticmethod
     def _message(title: str, text: str) -> widgets.HTML:

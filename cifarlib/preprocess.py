@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -56,7 +57,9 @@ def evaluation_inputs(images: torch.Tensor, size: int, mean, std) -> torch.Tenso
     return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float grayscale rescaled, transparency (alpha, a
+    palette's or a tRNS chunk's) composited on white. EXIF rotation is `decode`'s job."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale: rescale
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -71,13 +74,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray, size: int = CIFAR_SIZE) -> torch.Tensor:
-    """Any picture -> uint8 (3, size, size), by the rule in this module's docstring.
+Picture = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
-    Accepts a path, encoded bytes, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
-    A JPEG file is decoded at a reduced scale where its shorter side stays at least twice `size`
-    (`Image.draft`, libjpeg's DCT scaling): a 12-megapixel photo then decodes about 16x faster,
-    and the antialiased resize below still has twice the pixels it keeps.
+
+def decode(image: Picture, min_side: int) -> Image.Image:
+    """Any picture -> an upright 8-bit RGB PIL image, decoded once: the first half of the rule for
+    user pictures (EXIF rotation, any mode to RGB, transparency on white).
+
+    Accepts a path, encoded bytes, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4); float
+    arrays are taken as 0..1. A JPEG file is decoded at a reduced scale where both sides stay at
+    least `min_side` (`Image.draft`, libjpeg's DCT scaling): a 12-megapixel photo decodes about
+    16x faster at 1/4 scale. Anything that is not a usable picture raises `UserError`.
     """
     try:
         if isinstance(image, np.ndarray):
@@ -93,12 +100,24 @@ def cifar_like(image: str | os.PathLike | bytes | Image.Image | np.ndarray, size
         if image.width * image.height > MAX_PIXELS:  # known from the header, before decoding
             raise UserError(f"the image is {image.width}x{image.height} pixels, above the limit of "
                             f"{MAX_PIXELS:,} (a guard against decompression bombs); resize it first.")
-        image.draft(None, (2 * size, 2 * size))  # JPEG only (a no-op for other formats)
-        image = _to_rgb(ImageOps.exif_transpose(image))
+        image.draft(None, (min_side, min_side))  # JPEG only (a no-op for other formats)
+        return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         # PIL reports damaged files as OSError (UnidentifiedImageError too), SyntaxError ("broken
         # PNG file"), ValueError or EOFError; an unknown format's message would name a BytesIO object
         why = "no image format recognised" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
         raise UserError(f"not a usable image ({why}).") from None
+
+
+def fit(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB PIL image -> uint8 (3, size, size): the shorter side resized to `size` and the centre
+    cropped square, antialiased (the second half of the rule for user pictures)."""
     small = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def cifar_like(image: Picture, size: int = CIFAR_SIZE) -> torch.Tensor:
+    """Any picture -> uint8 (3, size, size), by the rule in this module's docstring: `decode`
+    (a JPEG at a reduced scale where its shorter side stays at least twice `size`, so the
+    antialiased resize still has twice the pixels it keeps), then `fit`."""
+    return fit(decode(image, 2 * size), size)

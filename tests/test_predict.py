@@ -165,3 +165,28 @@ def test_widget_refuses_a_file_over_20_mb_on_its_size_and_still_predicts_the_oth
     refused, good = app.results.children
     assert "big.png" in refused.value and "above the limit of 20 MB" in refused.value
     assert "cifar-result" in good._dom_classes and app.upload.value == ()
+
+
+def jpeg_bytes(w: int, h: int) -> bytes:
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,thumb", [(400, 300, (160, 120)), (1600, 1200, (160, 120)), (90, 120, (90, 120))])
+def test_widget_decodes_each_picture_once_and_its_thumbnail_is_sharp(predictor, monkeypatch, w, h, thumb):
+    """One decode per picture (not one to predict and one to show), at a scale that leaves the
+    thumbnail its full 160 px: cifar_like's reduced decode for 32 px made a 400x300 JPEG's 100x75."""
+    app = upload_app()(predictor, top_k=3)
+    data = jpeg_bytes(w, h)
+    opened = []
+    real_open = preprocess.Image.open  # the PIL module: every decode of the app starts here
+    monkeypatch.setattr(preprocess.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    app.upload.value = upload(("photo.jpg", data))
+    (good,) = app.results.children
+    shown, seen = good.children[0].children[1].children[:2]
+    assert Image.open(io.BytesIO(shown.value)).size == thumb
+    assert Image.open(io.BytesIO(seen.value)).size == (128, 128)  # 32 px, enlarged 4x
+    assert "cifar-result" in good._dom_classes and len(opened) == 1
