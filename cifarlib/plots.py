@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 import pandas as pd
@@ -9,6 +12,21 @@ import seaborn as sns
 import torch
 
 from .data import CifarData, Split
+
+
+# One figure drawn at a time. matplotlib's text layout is not thread-safe (its mathtext parser is
+# shared), and the background saver draws loss_curves.png while a notebook draws its live curves:
+# two at once fail with a ParseException on a log axis's "$10^{-4}$". Reentrant: loss_curves lays
+# its figure out (tight_layout measures the text), then png_bytes renders it.
+_DRAWING = threading.RLock()
+
+
+def _one_at_a_time(draw):
+    @functools.wraps(draw)
+    def locked(*args, **kwargs):
+        with _DRAWING:
+            return draw(*args, **kwargs)
+    return locked
 
 
 def to_display(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
@@ -61,6 +79,21 @@ def samples_by_group(d: CifarData, split: Split, per_class: int = 2, seed: int =
     return [torch.cat([pick(c) for c in group]) for group in groups], d.superclasses
 
 
+def mixing_sample(split: Split, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` images of `split` and their labels for a Mixup/CutMix preview, drawn at random (seeded)
+    one class after another, in a random order of classes: neighbours, which Mixup and CutMix
+    pair, are of different classes wherever the split has several. The split's first `n` images
+    would not do: a folder's splits come ordered by class, so those are mostly of one class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = split.labels.cpu()
+    present = labels.unique()
+    pools = [(labels == c).nonzero().flatten() for c in present[torch.randperm(len(present), generator=g)]]
+    pools = [pool[torch.randperm(len(pool), generator=g)] for pool in pools]
+    picks = [pool[depth] for depth in range(max(map(len, pools), default=0)) for pool in pools if depth < len(pool)]
+    index = torch.stack(picks[:n]) if n > 0 and picks else torch.zeros(0, dtype=torch.int64)
+    return split.images[index.to(split.images.device)], split.labels[index.to(split.labels.device)]
+
+
 def balance(d: CifarData) -> pd.DataFrame:
     """Images per class in each split."""
     counts = {name: torch.bincount(getattr(d, name).labels.cpu(), minlength=d.num_classes).tolist()
@@ -109,6 +142,7 @@ class ShownFigure(Figure):
         return png_bytes(self)
 
 
+@_one_at_a_time
 def loss_curves(history: list[dict]):
     """Two panels over the epochs, stage boundaries marked on both: training and validation loss
     with validation accuracy; below, each layer group's learning rate at the epoch's end, on a
@@ -159,14 +193,17 @@ class LiveCurves:
         self.handle = display(None, display_id=True)
 
     def __call__(self, history: list[dict]) -> None:
-        self.handle.update(loss_curves(history))
+        from IPython.display import Image
+        # rendered by png_bytes, one figure at a time; IPython's own printer for figures would not wait
+        self.handle.update(Image(png_bytes(loss_curves(history))))
 
 
 def png_bytes(fig, dpi: int = 110) -> bytes:
     """A figure as PNG bytes."""
     import io
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    with _DRAWING:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 

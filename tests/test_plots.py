@@ -1,0 +1,72 @@
+"""The figures' helpers: what a preview shows, and drawing from two threads."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from cifarlib.data import Split
+from cifarlib.plots import mixing_sample
+
+
+def test_the_mixing_preview_pairs_pictures_of_different_classes_on_class_ordered_data():
+    labels = torch.arange(3).repeat_interleave(10)  # as a folder's split comes: class after class
+    split = Split(torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 3, 2, 2), labels)
+    images, picked = mixing_sample(split, 8, seed=0)
+    assert len(images) == len(picked) == 8 and picked.unique().tolist() == [0, 1, 2]
+    assert all(a != b for a, b in zip(picked[0::2].tolist(), picked[1::2].tolist()))  # each mixed pair
+    assert torch.equal(labels[images[:, 0, 0, 0].long()], picked)  # each image with its own label
+    assert len(set(images[:, 0, 0, 0].tolist())) == 8  # drawn without repeats
+    again, _ = mixing_sample(split, 8, seed=0)
+    other, _ = mixing_sample(split, 8, seed=1)
+    assert torch.equal(again, images) and not torch.equal(other, images)  # seeded
+    assert len(mixing_sample(split, 100, seed=0)[0]) == 30 and len(mixing_sample(split, 0)[0]) == 0
+
+
+HISTORY = [{"epoch": 1, "stage": "all", "train_loss": 2.0, "val_loss": 1.5, "val_acc": 0.3, "lr_head": 1e-3}]
+
+
+@pytest.mark.parametrize("draw", ["png_bytes", "loss_curves"])
+def test_figures_are_drawn_one_at_a_time(monkeypatch, draw):
+    """The saver thread draws loss_curves.png while a notebook draws its live figure; matplotlib's
+    mathtext parser is shared, and two figures laid out or rendered at once fail on a log axis's
+    labels. Here each layout and rendering takes 0.1 s, and three threads ask at once."""
+    from matplotlib.figure import Figure
+
+    from cifarlib import plots
+    inside, most = [0], [0]
+
+    def slow(self, *args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.1)
+        inside[0] -= 1
+    monkeypatch.setattr(Figure, "savefig", slow)
+    monkeypatch.setattr(Figure, "tight_layout", slow)
+    start = threading.Barrier(3)
+
+    def work():
+        start.wait()
+        plots.png_bytes(Figure()) if draw == "png_bytes" else plots.loss_curves(HISTORY)
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+
+
+def test_the_live_curves_are_drawn_under_that_lock_too(monkeypatch):
+    """Not by IPython's printer for figures, which would draw them outside it."""
+    from cifarlib import plots
+    drawn = []
+    monkeypatch.setattr(plots, "png_bytes", lambda fig: drawn.append(fig) or b"\x89PNG")
+    updates = []
+
+    class Handle:  # what IPython's display(..., display_id=True) gives in a notebook
+        update = updates.append
+    monkeypatch.setattr("IPython.display.display", lambda obj, display_id: Handle())
+    live = plots.LiveCurves()
+    live(HISTORY)
+    assert len(drawn) == 1 and [u.data for u in updates] == [b"\x89PNG"]
