@@ -35,7 +35,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import imagecache, runtime, sources
@@ -233,7 +232,9 @@ def list_folder(root: Path) -> Listing:
 
 
 def _check_fits(n: int, size: int, device: torch.device) -> None:
-    """Refuse, before decoding, a dataset that would not leave room for training on `device`."""
+    """Refuse, before decoding, a dataset that would not leave room for training on `device`. A
+    first load holds one copy of the images in memory (see `cifarlib.imagecache`), and the splits
+    are views of it."""
     need = n * 3 * size * size
     known = [m for m in (runtime.available_memory(device), runtime.available_memory(torch.device("cpu"))) if m is not None]
     free = min(known) if known else None
@@ -245,18 +246,25 @@ def _check_fits(n: int, size: int, device: torch.device) -> None:
 
 def _usable(listing: Listing, name: str, split: Split, files: torch.Tensor, images: torch.Tensor,
             reasons: list[str]) -> Split:
-    """The images of split `name` (file indices and labels) whose files decoded; `images` and
-    `reasons` are those of `files`. A class whose picked files all failed is an error."""
+    """The images of split `name` (file indices and labels) whose files decoded; `reasons` are
+    those of `files`, and `images` those of the files that decoded, in the order of `files`. A
+    class whose picked files all failed is an error. A split whose images lie together in
+    `images`, in order, is a view of them: no copy."""
     row = torch.full((len(listing.paths),), -1, dtype=torch.int64)
-    row[files] = torch.arange(len(files))
-    keep = torch.tensor([not reasons[r] for r in row[split.images].tolist()], dtype=torch.bool)
+    ok = torch.tensor([not why for why in reasons], dtype=torch.bool)
+    row[files[ok]] = torch.arange(int(ok.sum()))
+    rows = row[split.images]
+    keep = rows >= 0
     had, has = (torch.bincount(labels, minlength=len(listing.classes)) for labels in (split.labels, split.labels[keep]))
     lost = ((had > 0) & (has == 0)).nonzero().flatten().tolist()
     if lost:
         folder = listing.folders.get(name, listing.folders["train"]) / listing.classes[lost[0]]
         raise UserError(f"the class folder {folder} has no usable image: none of the {int(had[lost[0]])} file(s) "
                         f"picked from it for the {name} split decodes (see the skipped files above).")
-    return Split(images[row[split.images[keep]]], split.labels[keep])
+    rows = rows[keep]
+    first = int(rows[0]) if len(rows) else 0
+    together = torch.equal(rows, torch.arange(first, first + len(rows)))
+    return Split(images[first:first + len(rows)] if together else images[rows], split.labels[keep])
 
 
 def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_size: int = 32,
@@ -277,8 +285,10 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
     picked = pick_splits(listing.splits["train"], listing.splits.get("val"), listing.splits.get("test", none),
                          val_fraction, seed, max_train_samples, max_eval_samples)
     picked = {name: s if name in splits else none for name, s in zip(SPLITS, picked)}
-    # numpy's unique: torch's parallel sort of a vector this small crawls on a CPU shared with others
-    files = torch.from_numpy(np.unique(torch.cat([s.images for s in picked.values()]).numpy()))
+    # the splits' files one after the other (they are distinct), so that each split's images are
+    # decoded side by side, and are a view of what was decoded
+    files = torch.tensor(list(dict.fromkeys(torch.cat([s.images for s in picked.values()]).tolist())),
+                         dtype=torch.int64)
     _check_fits(len(files), store_size, dev)
     if listing.skipped:
         notice(f"{len(listing.skipped)} file(s) or folder(s) are ignored: "

@@ -16,6 +16,11 @@ it, in `<cache>.skipped.txt`.
 
 Decoding runs in a pool of one thread per core: PIL decodes and resizes outside the GIL, and
 threads need no process fork (unsafe in a notebook kernel once torch has started its threads).
+
+Memory: the files are decoded straight into the one tensor that is written to the cache and, on a
+first load, handed out (failed files' rows are moved over in place), so a first load holds one
+copy of the images at its peak; a load from the cache gathers the rows it needs once. (It was
+three copies: decoded, merged, gathered.)
 """
 
 from __future__ import annotations
@@ -54,10 +59,12 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def decode(files: list[str], size: int) -> tuple[torch.Tensor, list[str]]:
-    """Images (N, 3, size, size) of `files` and, per file, why it failed ("" if it did not)."""
+def decode(files: list[str], size: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Images (N, 3, size, size) of `files`, written into `out` when given (so that a caller's
+    tensor needs no second copy), and, per file, why it failed ("" if it did not; its row is then
+    left as it was)."""
     n, threads = len(files), cores()
-    images = torch.zeros((n, 3, size, size), dtype=torch.uint8)
+    images = torch.zeros((n, 3, size, size), dtype=torch.uint8) if out is None else out
     reasons = [""] * n
     step = max(1, min(256, n // (8 * threads)))
 
@@ -150,25 +157,49 @@ def _write(path: Path, c: Cache) -> None:
                "the same, and will be decoded again next time. Free some space, or choose another cache_dir.")
 
 
-def _merge(old: Cache, keep: list[int], paths: list[str], sizes: list[int], mtimes: list[int],
-           images: torch.Tensor, reasons: list[str]) -> Cache:
-    """The entries `keep` of `old`, then the newly decoded files."""
+def _compact(images: torch.Tensor, reasons: list[str]) -> torch.Tensor:
+    """The rows of `images` whose file decoded (`reasons[i]` empty), in order: moved down in place
+    over the failed ones, so no second copy is made. The result is a view of `images`."""
+    k = 0
+    for i, why in enumerate(reasons):
+        if not why:
+            if k != i:
+                images[k] = images[i]
+            k += 1
+    return images[:k]
+
+
+def _rebuild(old: Cache, keep: list[int], root: Path, paths: list[str], sizes: list[int], mtimes: list[int],
+             store_size: int) -> Cache:
+    """The entries `keep` of `old`, then the files `paths` (relative to `root`) decoded. One
+    tensor is allocated for the whole cache: the kept images are copied into its head and the
+    new files decoded straight into its tail."""
+    kept_rows = [old.rows[j] for j in keep if old.rows[j] >= 0]
+    images = torch.empty((len(kept_rows) + len(paths), 3, store_size, store_size), dtype=torch.uint8)
+    head, tail = images[:len(kept_rows)], images[len(kept_rows):]
+    if kept_rows:
+        torch.index_select(old.images, 0, torch.tensor(kept_rows, dtype=torch.int64), out=head)
+    reasons = decode([os.path.join(root, p) for p in paths], store_size, out=tail)[1] if paths else []
+    _compact(tail, reasons)
     reasons_all = [old.reasons[j] for j in keep] + reasons
     rows, n = [], 0
     for why in reasons_all:
         rows.append(-1 if why else n)
         n += not why
-    old_rows = torch.tensor([old.rows[j] for j in keep if old.rows[j] >= 0], dtype=torch.int64)
-    ok = torch.tensor([not why for why in reasons], dtype=torch.bool)
     return Cache([old.paths[j] for j in keep] + paths, [old.sizes[j] for j in keep] + sizes,
-                 [old.mtimes[j] for j in keep] + mtimes, rows, reasons_all,
-                 torch.cat([old.images[old_rows], images[ok]]))
+                 [old.mtimes[j] for j in keep] + mtimes, rows, reasons_all, images[:n])
 
 
 def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], picked: list[int],
          store_size: int, cache_dir: Path, may_write: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """Images (len(picked), 3, S, S) of the listed files `picked` (indices into `paths`, which
-    with `sizes` and `mtimes` list every file of the dataset at `root`), and why each failed."""
+    """The images (M, 3, S, S) of the listed files `picked` that are usable, in the order of
+    `picked` (indices into `paths`, which with `sizes` and `mtimes` list every file of the dataset
+    at `root`), and per picked file why it is not ("" when it is; M counts those).
+
+    On a first load (no entry of the cache is kept) the files are decoded into one tensor, which
+    is both what is cached and what is returned: memory holds one copy of the images, not three.
+    Otherwise the images are gathered from the cache, once.
+    """
     path = cache_file(root, store_size, cache_dir)
     old = _read(path, store_size) or _empty(store_size)
     where = {p: j for j, p in enumerate(old.paths)}
@@ -181,20 +212,18 @@ def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], pick
     keep = [j for j in map(cached, range(len(paths))) if j is not None]
     cache = old
     if todo or len(keep) != len(old.paths):
-        images, reasons = decode([os.path.join(root, paths[i]) for i in todo], store_size) if todo else \
-            (torch.zeros((0, 3, store_size, store_size), dtype=torch.uint8), [])
-        cache = _merge(old, keep, [paths[i] for i in todo], [sizes[i] for i in todo],
-                       [mtimes[i] for i in todo], images, reasons)
+        cache = _rebuild(old, keep, root, [paths[i] for i in todo], [sizes[i] for i in todo],
+                         [mtimes[i] for i in todo], store_size)
         if may_write:
             _write(path, cache)
     at = {p: k for k, p in enumerate(cache.paths)}
     entries = [at[paths[i]] for i in picked]
-    rows = torch.tensor([cache.rows[k] for k in entries], dtype=torch.int64)
-    if len(cache.images):  # one gather; a failed file's row is a stand-in, dropped by the caller
-        out = cache.images.index_select(0, rows.clamp_min(0))
-    else:
-        out = torch.zeros((len(picked), 3, store_size, store_size), dtype=torch.uint8)
     why = [cache.reasons[k] for k in entries]
+    rows = [cache.rows[k] for k in entries if cache.rows[k] >= 0]
+    if not keep and todo == picked:  # a first load: the cache holds the picked files, in order
+        out = cache.images
+    else:  # one gather; the cache (memory-mapped when it was read) is let go
+        out = cache.images.index_select(0, torch.tensor(rows, dtype=torch.int64))
     bad = [paths[i] for i, w in zip(picked, why) if w]
     if bad:
         listed = path.with_suffix(".skipped.txt")

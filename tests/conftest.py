@@ -70,3 +70,37 @@ def full_disk(monkeypatch):
     def fill_after(room: int) -> None:
         monkeypatch.setattr(os, "fdopen", lambda *a, **k: FillsUp(real(*a, **k), room))
     return fill_after
+
+
+class SharedKernel:
+    """A running Jupyter kernel, and `run(notebook, out, **parameters)`: the notebook under
+    papermill in that kernel, from an empty namespace (`%reset`); the text of its outputs."""
+
+    def __init__(self, km, kc):
+        self.km, self.kc = km, kc
+
+    def run(self, notebook, out, **parameters) -> str:
+        import nbformat
+        import papermill as pm
+        assert self.kc.execute_interactive("%reset -f", timeout=60)["content"]["status"] == "ok"
+        pm.execute_notebook(str(notebook), str(out), parameters=parameters, km=self.km, progress_bar=False)
+        return "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+
+
+@pytest.fixture(scope="session")
+def notebook_kernel():
+    """One kernel for the notebooks that tests run through it: torch, pandas, matplotlib and the
+    rest are imported once for all of them (seconds each on 2 cores), not once per notebook."""
+    pytest.importorskip("nbformat", reason="the notebook tests need nbformat and papermill")
+    pytest.importorskip("papermill", reason="the notebook tests need nbformat and papermill")
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.blocking_client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        yield SharedKernel(km, kc)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -33,10 +33,10 @@ def _folder_worker(rank: int, world: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/store2", rank=rank, world_size=world)
     real_decode = imagecache.decode
 
-    def recording_decode(files, size):
+    def recording_decode(files, size, **kw):
         with open(f"{root}/decoders", "a") as f:
             f.write(f"{rank}\n")
-        return real_decode(files, size)
+        return real_decode(files, size, **kw)
     imagecache.decode = recording_decode
     d = data.load_cifar("folder", f"{root}/photos.tar", cache_dir=f"{root}/cache", device="cpu")
     torch.save({"train": d.train.images, "val": d.val.labels}, f"{root}/folder{rank}.pt")

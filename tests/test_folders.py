@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -109,11 +110,52 @@ def test_without_a_validation_folder_validation_is_a_stratified_seeded_share_of_
     assert not any(bytes(x.flatten().tolist()) in train_rows for x in a.val.images)  # disjoint
 
 
+FIRST_LOAD = """
+import json, resource, sys
+from pathlib import Path
+import psutil, torch
+from cifarlib.data import load_cifar
+root, cache = Path(sys.argv[1]), Path(sys.argv[2])
+base = psutil.Process().memory_info().rss
+d = load_cifar("folder", root, cache_dir=cache, store_size=512, val_fraction=0.25, device="cpu")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+images = torch.cat([d.train.images, d.val.images])
+labels = torch.cat([d.train.labels, d.val.labels])
+green = images[:, 1, 256, 256].tolist()
+print(json.dumps({"above": peak - base, "final": sum(s.images.nbytes for s in (d.train, d.val, d.test)),
+                  "n": len(labels), "right": all(g == (40, 200)[y] for g, y in zip(green, labels.tolist()))}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="peak memory from getrusage")
+def test_a_first_load_holds_about_one_copy_of_the_images_at_its_peak(tmp_path):
+    """Decoded, cached and handed out: 271 images of 786 kB (213 MB) at 512 px, from 4x4 PNGs
+    (fast to decode), with a broken file among them. Measured in a process of its own: the peak
+    resident memory above the baseline, which tracemalloc would not see (torch's tensors)."""
+    psutil = pytest.importorskip("psutil", reason="the memory test needs psutil")
+    del psutil
+    for name, green in (("a", 40), ("b", 200)):
+        (tmp_path / "p" / name).mkdir(parents=True)
+        for i in range(136):
+            Image.new("RGB", (4, 4), (i, green, 90)).save(tmp_path / "p" / name / f"{i:03d}.png")
+    (tmp_path / "p" / "a" / "050.png").write_bytes(b"not a picture")  # its row is moved over, in place
+    cache = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path  # 213 MB written: to memory where it can
+    cache = Path(tempfile.mkdtemp(dir=cache, prefix="cifarlib-test-"))
+    try:
+        got = subprocess.run([sys.executable, "-c", FIRST_LOAD, str(tmp_path / "p"), str(cache)], capture_output=True,
+                             text=True, timeout=300, check=True)
+    finally:
+        shutil.rmtree(cache)
+    m = json.loads(got.stdout)
+    assert m["n"] == 271 and m["right"] and m["final"] == 271 * 3 * 512 * 512
+    assert m["above"] <= 1.5 * m["final"], f"peak {m['above'] / m['final']:.2f}x the images"
+
+
 def test_only_the_picked_files_are_decoded_and_the_cache_is_reused_or_updated(tmp_path, monkeypatch):
     make_folder(tmp_path / "p", per_class=10)
     decoded = []
     real = imagecache.decode
-    monkeypatch.setattr(imagecache, "decode", lambda files, size: decoded.append(len(files)) or real(files, size))
+    monkeypatch.setattr(imagecache, "decode", lambda files, size, **kw: decoded.append(len(files)) or real(files, size, **kw))
     cache = tmp_path / "cache"
     small = load(tmp_path / "p", cache, max_train_samples=6, max_eval_samples=3)
     assert decoded == [9]  # 6 training and 3 validation files, nothing else
@@ -353,17 +395,80 @@ def test_evaluating_a_folder_run_uses_its_own_data_and_says_which_split(trained_
     assert json.loads((best.parent / "metrics.json").read_text())["split"] == "val"
 
 
-def test_notebook_04_finds_the_folder_from_the_checkpoint_and_says_it_evaluates_val(trained_on_folder, tmp_path):
-    nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat and papermill")
-    pm = pytest.importorskip("papermill", reason="the notebook test needs nbformat and papermill")
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def notebook_folder(tmp_path_factory):
+    """train/ and val/ class folders, each listed class after class."""
+    root = tmp_path_factory.mktemp("nb_folder")
+    make_folder(root / "photos" / "train", per_class=4)
+    make_folder(root / "photos" / "val", per_class=3)
+    return {"dataset": "folder", "data_dir": str(root / "photos"), "cache_dir": str(root / "cache"), "store_size": 48}
+
+
+def test_notebook_01_explores_a_folder(notebook_kernel, notebook_folder, tmp_path):
+    text = notebook_kernel.run(NOTEBOOKS / "01_explore_data.ipynb", tmp_path / "01.ipynb", per_class=1,
+                               similar_pairs=2, **notebook_folder)
+    assert "folder: 3 classes, read from " in text and "{'train': 12, 'val': 9, 'test': 0}" in text
+
+
+def test_notebook_02_previews_mixing_of_two_classes_on_a_folder(notebook_kernel, notebook_folder, tmp_path):
+    text = notebook_kernel.run(NOTEBOOKS / "02_augmentation_preview.ipynb", tmp_path / "02.ipynb", image_size=48,
+                               draws=4, **notebook_folder)
+    (pairs,) = re.findall(r"pairs mixed: (.*)", text)  # val/ lists cat, cat, cat, dog, ...: its first 4 would not do
+    assert len(pairs.split("; ")) == 2 and all(a != b for a, b in (p.split(" + ") for p in pairs.split("; ")))
+
+
+def test_notebook_03_trains_on_a_folder(notebook_kernel, notebook_folder, tmp_path):
+    # timm's tiny test network: what is tested is the notebook on a folder, not the model
+    text = notebook_kernel.run(NOTEBOOKS / "03_train.ipynb", tmp_path / "03.ipynb", preset="cpu", backbone="test_resnet",
+                               weights="none", image_size=32, epochs=2, batch_size=6,
+                               checkpoint_dir=str(tmp_path / "ckpt"), run_name="nb", device="cpu", **notebook_folder)
+    assert "12 training and 9 validation images" in text and "epoch 2/2" in text
+    best = torch.load(tmp_path / "ckpt" / "nb" / "best.pt", weights_only=True)
+    assert best["classes"] == ["cat", "dog", "frog"] and best["store_size"] == 48
+
+
+def test_notebook_04_finds_the_folder_from_the_checkpoint_and_says_it_evaluates_val(notebook_kernel, trained_on_folder, tmp_path):
     _, best = trained_on_folder
-    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "04_evaluate.ipynb"
-    pm.execute_notebook(str(notebook), str(tmp_path / "04.ipynb"), kernel_name="python3", progress_bar=False,
-                        parameters={"checkpoint": str(best), "device": "cpu", "tta": False})
-    text = "".join(o.get("text", "") for c in nbformat.read(tmp_path / "04.ipynb", as_version=4).cells
-                   for o in c.get("outputs", []))
+    text = notebook_kernel.run(NOTEBOOKS / "04_evaluate.ipynb", tmp_path / "04.ipynb", checkpoint=str(best),
+                               device="cpu", tta=False)
     assert "6 val images (this data has no test split, so: the validation split)" in text
     assert json.loads((best.parent / "metrics.json").read_text())["split"] == "val"
+
+
+def photo(path: Path) -> Path:
+    """A smooth 400x300 picture (so that any two good resizes of it agree closely)."""
+    y, x = np.mgrid[0:300, 0:400]
+    Image.fromarray(np.stack([x * 255 // 400, y * 255 // 300, (x + y) * 255 // 700], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def test_notebook_05_predicts_a_folder_run_stored_at_64_px(notebook_kernel, trained_on_folder, tmp_path):
+    _, best = trained_on_folder
+    text = notebook_kernel.run(NOTEBOOKS / "05_inference_widget.ipynb", tmp_path / "05.ipynb", checkpoint=str(best),
+                               demo_image=str(photo(tmp_path / "photo.jpg")), top_k=3)
+    assert "3 classes" in text and "photo.jpg" in text
+    assert sorted(re.findall(r"  \d\. +(\w+)", text)) == ["cat", "dog", "frog"]
+
+
+def test_the_upload_widget_shows_a_folder_run_its_64_px_image(trained_on_folder, tmp_path):
+    pytest.importorskip("ipywidgets", reason="the upload widget needs ipywidgets")
+    from cifarlib.app import UploadApp
+    from cifarlib.preprocess import cifar_like
+    _, best = trained_on_folder
+    predictor = Predictor.from_checkpoint(best, device="cpu")
+    app = UploadApp(predictor, top_k=3)
+    data = photo(tmp_path / "photo.png").read_bytes()
+    box = app.show_file("photo.png", data)
+    caption, previews = box.children[0].children
+    assert "64 px image the model sees" in caption.value and predictor.predict(data).top[0][0] in caption.value
+    seen = Image.open(io.BytesIO(previews.children[1].value))
+    assert seen.width == seen.height and seen.width % 64 == 0  # the 64 px image, each pixel a square block
+    block = seen.width // 64
+    shown = torch.from_numpy(np.asarray(seen.convert("RGB"))[::block, ::block].astype(np.float32))
+    assert (shown - cifar_like(data, 64).permute(1, 2, 0).float()).abs().mean() < 4  # that image, not a 32 px one
 
 
 def test_a_folder_whose_classes_changed_is_refused_showing_both_lists(trained_on_folder, tmp_path):
