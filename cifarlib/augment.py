@@ -28,7 +28,7 @@ same device. Everything that depends on them is computed on the CPU too, the 3x3
 their inverses included, and travels to the device as one packed tensor (pinned, non-blocking on
 CUDA). Constants are made once per device. So a batch's augmentation never makes the host wait
 for the GPU: the host can queue the next steps while the GPU works. The inputs come out in the
-layout the model runs in (`runtime.memory_format`: channels_last on CUDA and on the CPU).
+layout the model runs in (the device plan's `channels_last`: on CUDA and on the CPU by default).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from .errors import UserError
 from .geometry import blacken_outside, geometry, sampling_grid
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-CPU_CHUNK = 16  # images per full-size pass on a CPU, so that a pass stays in the L3 cache
 
 
 @dataclass(frozen=True)
@@ -234,8 +233,8 @@ class BatchAugment:
     lambda per batch, or loops over the samples in Python for per-sample lambdas, and draws from
     numpy's global generator, so neither the per-sample rule nor seeding by a generator held.
     Pairs are neighbours, (0, 1), (2, 3), ..., in a shuffled batch (timm pairs i with B-1-i);
-    neighbours keep a pair inside one chunk of the CPU path. An odd last sample is left unmixed.
-    `channels_last` (None: where `runtime.memory_format` says so) chooses the inputs' memory layout.
+    neighbours keep a pair inside one chunk (`runtime.cache_chunk`). An odd last sample is left unmixed.
+    `channels_last` (None: as the device's own plan says, `runtime.auto_plan`) chooses the inputs' memory layout.
     """
     policy: Policy
     size: int
@@ -291,10 +290,7 @@ class BatchAugment:
         """The parameters `apply` needs, on `device`, in one transfer: packed into one float32
         tensor (pinned memory and a non-blocking copy on CUDA), then unpacked into views there."""
         b = len(p["lam"])
-        packed = torch.cat([p[k].reshape(b, n).float() for k, n in PACKED], 1)
-        if device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
+        packed = runtime.to_device(torch.cat([p[k].reshape(b, n).float() for k, n in PACKED], 1), device)
         out, at = {}, 0
         for k, n in PACKED:
             v = packed[:, at:at + n]
@@ -321,10 +317,9 @@ class BatchAugment:
         grid = sampling_grid(p["inverse"], s, x)
         out = F.grid_sample(x / constant(self.std, dev), grid, mode="bilinear", align_corners=False,  # the one resample
                             padding_mode="reflection" if pol.fill == "reflect" else "border")
-        layout = self.channels_last if self.channels_last is not None else (
-            runtime.memory_format(dev) == torch.channels_last)
+        layout = self.channels_last if self.channels_last is not None else runtime.auto_plan(dev).channels_last
         final = torch.empty_like(out, memory_format=torch.channels_last) if layout else out
-        step = CPU_CHUNK if dev.type == "cpu" else b
+        step = runtime.cache_chunk(dev) or b
         for a in range(0, b, step):
             part = slice(a, a + step)
             self._finish(out[part], final[part], grid[part], {k: v[part] for k, v in p.items()})
@@ -338,8 +333,8 @@ class BatchAugment:
         `final` (which is `out` itself, or a channels_last tensor that the normalisation writes).
 
         Full-size tensors are touched as few times as possible and in place: on a CPU, fresh
-        allocations of that size cost more than the arithmetic, and a chunk of `CPU_CHUNK`
-        images stays in the cache from one pass to the next.
+        allocations of that size cost more than the arithmetic, and a chunk of
+        `runtime.cache_chunk` images stays in the cache from one pass to the next.
         """
         if self.policy.fill == "black":
             blacken_outside(out, grid)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from . import runtime
 from .errors import UserError, disk_full
@@ -53,8 +52,7 @@ def prepare_run_dir(run_name: str, resume: bool, overwrite: bool, root: str = "c
             _prepare_run_dir(path, resume, overwrite)
         except UserError as e:
             outcome[0] = str(e)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(outcome, src=0)
+    outcome = [runtime.broadcast_object(outcome[0])]
     if outcome[0] is not None:
         raise UserError(outcome[0])
     return path
@@ -198,6 +196,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise UserError(f"{path} is not a cifarlib checkpoint (format {FORMAT}).")
     return ckpt
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
 
 
 def write_json(obj: Any, path: Path) -> None:

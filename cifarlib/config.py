@@ -114,7 +114,21 @@ class Config:
     save_every_minutes: float = 10.0  # also save the exact position this often while training (0: off)
     frozen_bn: str = "eval"       # BatchNorm of frozen groups: "eval" keeps pretrained statistics, "train" updates them
     head_init: str = "zero"       # the new classifier: "zero", or "default" (as torchvision or timm makes it)
+    precision: str = "auto"       # "auto" (the device's: bf16 or fp16 on CUDA, fp32 elsewhere), "bf16", "fp16" or "fp32"
+    fused: bool | str = "auto"    # fused optimizer kernels: "auto" (on CUDA), True or False
+    channels_last: bool | str = "auto"  # NHWC memory layout: "auto" (CUDA and CPU), True or False
+    check_every: int = 0          # optimizer steps between the loop's checks (0: 1 on the CPU, 50 on a GPU)
     stages: tuple[Stage, ...] = field(default=())
+    plan: dict[str, Any] | None = None  # recorded by training, not set: the resolved device plan
+    given: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the settings given (not stored)
+
+
+# Where a run's files are and what runs it: a resume command's values for these replace the saved
+# ones, since a run may continue on another machine, device or plan. Every other setting is the
+# run's recipe, which a resumed run keeps.
+RESUME_OVERRIDES = ("device", "compile", "data_dir", "cache_dir", "checkpoint_dir", "verify_checksums",
+                    "save_every_minutes", "precision", "fused", "channels_last", "check_every")
+NOT_SETTINGS = ("plan", "given")  # Config fields that training fills in
 
 
 ORIGINAL_STAGES = (
@@ -186,10 +200,11 @@ def make_config(preset: str = "original", **overrides) -> Config:
     and its stages scaled to `epochs`."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    hints = get_type_hints(Config)
+    hints = {k: v for k, v in get_type_hints(Config).items() if k not in NOT_SETTINGS}
     unknown = sorted(set(overrides) - set(hints))
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}.")
+    given = tuple(k for k, v in overrides.items() if v is not None)
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None or k.startswith("max_")}}
     for key, value in values.items():
         if key != "stages":
@@ -210,6 +225,7 @@ def make_config(preset: str = "original", **overrides) -> Config:
                         f"library's own initialisation), not {values['head_init']!r}.")
     if values.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise UserError(f"optimizer must be 'sgd' or 'adamw', not {values['optimizer']!r}.")
+    _check_plan_settings(values)
     stages = values.pop("stages")
     if isinstance(stages, str):  # from the command line: stages='[{"name": "all", "share": 1, ...}]'
         try:
@@ -223,9 +239,39 @@ def make_config(preset: str = "original", **overrides) -> Config:
                         "and optionally warmup, anneal, image_size.") from None
     stages = tuple(dataclasses.replace(st, groups=tuple(st.groups), lr=tuple(st.lr)) for st in stages)
     _check_stages(stages)
-    cfg = Config(preset=preset, **values)
+    cfg = Config(preset=preset, given=given, **values)
     epochs = scale_epochs([s.share for s in stages], cfg.epochs)
     return dataclasses.replace(cfg, stages=tuple(dataclasses.replace(s, epochs=e) for s, e in zip(stages, epochs)))
+
+
+def _check_plan_settings(values: dict[str, Any]) -> None:
+    """The device plan's settings, checked for their form; whether the device can run them is
+    checked when the plan is resolved (`cifarlib.runtime.resolve_plan`)."""
+    if values.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32', not {values['precision']!r}.")
+    for key in ("fused", "channels_last"):
+        if values.get(key, "auto") not in ("auto", True, False):
+            raise UserError(f"{key} must be 'auto', True or False, not {values[key]!r}.")
+    if values.get("check_every", 0) < 0:
+        raise UserError(f"check_every must be 0 (the device's choice) or a number of optimizer steps, not {values['check_every']!r}.")
+
+
+def resumed(saved: dict[str, Any], cfg: Config) -> Config:
+    """The config a resumed run continues with: its saved config (`saved`, as config.json and
+    last.pt hold it), with the settings of `RESUME_OVERRIDES` that the resume command gave
+    (`cfg.given`). A recipe setting given with a value other than both the run's and the
+    default (so a notebook's untouched parameters pass) is refused rather than dropped."""
+    run = from_dict(saved)
+    default = {**dataclasses.asdict(Config()), **PRESETS.get(cfg.preset, {})}
+    conflicts = [f"{k}={getattr(cfg, k)!r} (the run's: {getattr(run, k)!r})" for k in cfg.given
+                 if k not in RESUME_OVERRIDES and k not in ("run_name", "resume", "overwrite")
+                 and getattr(cfg, k) != getattr(run, k) and getattr(cfg, k) != default.get(k)]
+    if conflicts:
+        raise UserError(f"resume=True continues run {run.run_name!r} with its own recipe, and these settings differ "
+                        f"from it: {'; '.join(conflicts)}. Drop them to continue, or start a new run "
+                        "(another run_name, or overwrite=True) to train with them.")
+    keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in cfg.given}
+    return dataclasses.replace(run, run_name=cfg.run_name, resume=True, given=cfg.given, **keep)  # the folder may be renamed
 
 
 def stage_image_size(cfg: Config, stage: Stage) -> int:
@@ -237,11 +283,13 @@ def stage_image_size(cfg: Config, stage: Stage) -> int:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain JSON-able values (stored in config.json and in every checkpoint)."""
-    return dataclasses.asdict(cfg)
+    d = dataclasses.asdict(cfg)
+    del d["given"]
+    return d
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    known = {f.name for f in fields(Config)}
+    known = {f.name for f in fields(Config)} - {"given"}
     d = {k: v for k, v in d.items() if k in known}
     d["stages"] = tuple(Stage(**{**s, "groups": tuple(s["groups"]), "lr": tuple(s["lr"])}) for s in d.get("stages", ()))
     return Config(**d)

@@ -14,62 +14,18 @@ from __future__ import annotations
 
 import argparse
 import pickle
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from . import runtime, sources, synthetic
+from . import folders, runtime, sources, synthetic
 from .errors import UserError, cli_errors
+from .splits import SPLITS, CifarData, Split, pick_splits, split_train_val, stratified_pick  # noqa: F401
 
 DATASETS = ("cifar100", "cifar10", "synthetic", "folder")
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Split:
-    """Images (N, 3, S, S) uint8 (S = 32 for CIFAR), fine labels (N,) int64 and, for CIFAR-100,
-    coarse labels."""
-    images: torch.Tensor
-    labels: torch.Tensor
-    coarse_labels: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor) -> Split:
-        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
-        return Split(pick(self.images), pick(self.labels), pick(self.coarse_labels))
-
-    def to(self, device: str | torch.device) -> Split:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Split(move(self.images), move(self.labels), move(self.coarse_labels))
-
-
-@dataclass(frozen=True)
-class CifarData:
-    name: str                      # "cifar100", "cifar10", "synthetic" or "folder"
-    folder: Path                   # the extracted folder the files were read from
-    classes: list[str]
-    superclasses: list[str] | None  # None for CIFAR-10
-    train: Split
-    val: Split
-    test: Split
-    fine_to_coarse: torch.Tensor | None = field(default=None, repr=False)  # (num_classes,)
-    skipped: tuple[str, ...] = field(default=(), repr=False)  # image folders: "path: reason"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def to(self, device: str | torch.device) -> CifarData:
-        f2c = None if self.fine_to_coarse is None else self.fine_to_coarse.to(device)
-        return replace(self, train=self.train.to(device), val=self.val.to(device),
-                       test=self.test.to(device), fine_to_coarse=f2c)
-
-
 class _NumpyOnly(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only.
 
@@ -117,60 +73,6 @@ def _read_split(folder: Path, files: tuple[str, ...], cifar100: bool) -> Split:
     return Split(x, y, torch.tensor(coarse, dtype=torch.int64) if cifar100 else None)
 
 
-def _quotas(counts: torch.Tensor, total: int) -> torch.Tensor:
-    """Split `total` over classes in proportion to `counts`, largest remainders first."""
-    exact = counts.double() * total / counts.sum()
-    q = exact.floor().long()
-    order = torch.argsort(-(exact - q), stable=True)
-    q[order[: total - int(q.sum())]] += 1
-    return q
-
-
-def stratified_pick(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Sorted indices of `n` samples with class proportions kept (exact up to rounding).
-
-    With fewer samples than classes present, a seeded random pick instead.
-    """
-    labels = labels.cpu()
-    if n >= len(labels):
-        return torch.arange(len(labels))
-    counts = torch.bincount(labels)
-    perm = torch.randperm(len(labels), generator=generator)
-    if n < int((counts > 0).sum()):
-        return perm[:n].sort().values
-    by_class = perm[torch.argsort(labels[perm], stable=True)]  # random order within each class
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_class = torch.arange(len(labels)) - starts[labels[by_class]]
-    keep = rank_in_class < _quotas(counts, n)[labels[by_class]]
-    return by_class[keep].sort().values
-
-
-def split_train_val(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
-    """Stratified, seeded and disjoint: the same arguments always give the same two splits."""
-    val = stratified_pick(split.labels, round(val_fraction * len(split)),
-                          torch.Generator().manual_seed(seed))
-    is_val = torch.zeros(len(split), dtype=torch.bool)
-    is_val[val] = True
-    return split.subset(torch.nonzero(~is_val).flatten()), split.subset(val)
-
-
-def _cap(split: Split, n: int | None, seed: int) -> Split:
-    if n is None or n >= len(split):
-        return split
-    return split.subset(stratified_pick(split.labels, n, torch.Generator().manual_seed(seed)))
-
-
-def pick_splits(full_train: Split, val: Split | None, test: Split, val_fraction: float, seed: int,
-                max_train_samples: int | None, max_eval_samples: int | None) -> tuple[Split, Split, Split]:
-    """Training, validation and test splits: validation cut from `full_train` unless given, then
-    each split capped. Image folders pick their files with this too, before decoding them."""
-    train = full_train
-    if val is None:
-        train, val = split_train_val(full_train, val_fraction, seed)
-    return (_cap(train, max_train_samples, seed + 1), _cap(val, max_eval_samples, seed + 2),
-            _cap(test, max_eval_samples, seed + 3))
-
-
 def _check_args(dataset: str, val_fraction: float, caps: dict[str, int | None]) -> None:
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
@@ -209,8 +111,7 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
     _check_args(dataset, val_fraction, {"max_train_samples": max_train_samples,
                                         "max_eval_samples": max_eval_samples})
     if dataset == "folder":
-        from .folders import load_folder  # it builds on this module
-        return load_folder(data_dir, cache_dir=cache_dir, store_size=store_size, val_fraction=val_fraction,
+        return folders.load_folder(data_dir, cache_dir=cache_dir, store_size=store_size, val_fraction=val_fraction,
                            seed=seed, max_train_samples=max_train_samples,
                            max_eval_samples=max_eval_samples, splits=splits, device=device)
     if store_size != 32:
@@ -276,15 +177,14 @@ class Batches:
             return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         return torch.arange(len(self.split))
 
-    def epoch(self, epoch: int = 0, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches, from batch `start` on, in `order` (default: the epoch's own)."""
+    def epoch(self, epoch: int = 0, order: torch.Tensor | None = None, start: int = 0,
+              end: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch `start` up to `end` (default: all), in `order` (default:
+        the epoch's own)."""
         n, b = len(self.split), self.batch_size
         order = self.order(epoch) if order is None else order
-        device = self.split.labels.device
-        if device.type == "cuda":  # one copy that does not make the host wait
-            order = order.pin_memory()
-        order = order.to(device, non_blocking=True)
-        for i in range(start, len(self)):
+        order = runtime.to_device(order, self.split.labels.device)  # one copy, without a host wait
+        for i in range(start, len(self) if end is None else min(end, len(self))):
             idx = order[i * b: min((i + 1) * b, n)]
             yield self.split.images[idx], self.split.labels[idx]
 

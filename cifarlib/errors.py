@@ -14,6 +14,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from .ranks import is_main_process
+
 
 class UserError(Exception):
     """A problem the user can fix; its message says what happened and how to fix it."""
@@ -45,7 +47,6 @@ def disk_full(e: BaseException, path, kept: str, fix: str) -> UserError | None:
 
 def notice(message: str) -> None:
     """One line on stderr, from the main process only (under torchrun, rank 0)."""
-    from .runtime import is_main_process
     if is_main_process():
         print(message, file=sys.stderr, flush=True)
 

@@ -71,14 +71,15 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tu
 
 
 @torch.no_grad()
-def logits(model, images: torch.Tensor, image_size: int, mean, std, flip: bool = False) -> torch.Tensor:
+def logits(model, images: torch.Tensor, image_size: int, mean, std, flip: bool = False,
+           plan: runtime.DevicePlan | None = None) -> torch.Tensor:
     """The one evaluation path, from uint8 images to float32 class scores: resize and normalise
-    (`evaluation_inputs`), then the model with the training path's precision and memory layout
-    (bf16 autocast and channels_last on CUDA). Validation, testing and prediction all call it."""
-    device = images.device
-    inputs = evaluation_inputs(images, image_size, mean, std).to(memory_format=runtime.memory_format(device))
-    autocast, _ = runtime.autocast(device)
-    with autocast:
+    (`evaluation_inputs`), then the model with a device plan's precision and memory layout:
+    the training run's for validation, the device's own (`runtime.auto_plan`: bf16 autocast
+    and channels_last on CUDA) for testing and prediction."""
+    plan = plan or runtime.auto_plan(images.device)
+    inputs = evaluation_inputs(images, image_size, mean, std).to(memory_format=plan.memory_format)
+    with plan.autocast():
         return model(inputs.flip(-1) if flip else inputs).float()
 
 

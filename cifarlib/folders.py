@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import imagecache, runtime, sources
-from .data import SPLITS, CifarData, Split, pick_splits
+from .splits import SPLITS, CifarData, Split, pick_splits
 from .errors import UserError, notice
 
 VAL_NAMES = ("val", "valid", "validation")

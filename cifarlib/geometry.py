@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import runtime
+
 
 def _rotation(deg: torch.Tensor, tx=None, ty=None) -> torch.Tensor:
     a = torch.deg2rad(deg)
@@ -66,7 +68,7 @@ def sampling_grid(inverse: torch.Tensor, size: int, like: torch.Tensor) -> torch
     row = lambda r, out=None: torch.addcmul(inv[:, r, 2] + inv[:, r, 1] * gy, inv[:, r, 0], gx, out=out)  # noqa: E731
     grid = torch.empty(len(inverse), size, size, 2, device=like.device, dtype=like.dtype)
     row(0, grid[..., 0]), row(1, grid[..., 1])
-    if like.device.type != "cpu":  # one pass; picking the few below would make the host wait
+    if not runtime.may_read_back(like.device):  # one pass; picking the few below would make the host wait
         return grid.div_(row(2).unsqueeze(-1))  # the projective divide (by 1 for affine maps)
     # on a CPU, divide only the samples with a perspective part (a fifth, in the original policy)
     idx = ((inv[:, 2, 0] != 0) | (inv[:, 2, 1] != 0)).flatten().nonzero().flatten()

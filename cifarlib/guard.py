@@ -72,29 +72,27 @@ def interrupted_message(epoch: int, step: int, run_name: str) -> str:
     return line
 
 
-def non_finite_error(epoch: int, step: int | None, stage: str, rates: dict[str, float], fp16: bool) -> UserError:
-    """A NaN or infinite loss: the training loss at `step`, or (`step` None) the validation loss
-    at the end of `epoch`."""
+def non_finite_error(epoch: int, step: int | None, stage: str, rates: dict[str, float], fp16: bool,
+                     check_every: int = 1) -> UserError:
+    """A NaN or infinite loss: the training loss at batch `step` of `epoch`, found at the loop's
+    next scheduled check (every `check_every` optimizer steps), or (`step` None) the validation
+    loss at the end of `epoch`."""
     lrs = ", ".join(f"{k} {v:.3g}" for k, v in rates.items())
-    what = (f"the training loss became NaN or infinite at epoch {epoch}, step {step}" if step is not None
-            else f"the validation loss became NaN or infinite after epoch {epoch}")
+    if step is None:
+        what, applied = f"the validation loss became NaN or infinite after epoch {epoch}", ""
+    else:
+        what = f"the training loss became NaN or infinite at epoch {epoch}, step {step}"
+        applied = ("That step was not applied, and n" if check_every == 1 else
+                   f"It was found at the next scheduled check (every {check_every} optimizer steps), so the weights "
+                   f"in memory may have taken up to {check_every - 1} bad step(s); the run continues from its last save, "
+                   "which has none of them. N")
     return UserError(
-        f"{what}, in stage {stage!r} (learning rates: {lrs}). "
-        + ("That step was not applied, and n" if step is not None else "N")
+        f"{what}, in stage {stage!r} (learning rates: {lrs}). " + (applied or "N")
         + "othing since the last save was written: best.pt, last.pt and history.csv are as they were. Likely causes: a learning "
         "rate too high for this batch size (lower the stage's rates, or the batch size with them), "
         "bad input data (images or labels out of range)"
-        + (", or fp16 overflow (this GPU has no bf16; a smaller learning rate usually cures it)" if fp16 else "")
+        + (", or fp16 overflow (a smaller learning rate usually cures it, or precision=bf16 where the device has it)" if fp16 else "")
         + ". Continue from the last save with resume=True once the cause is fixed.")
-
-
-def device_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
-    if device.type == "mps":
-        return f"{torch.mps.recommended_max_memory() / 2**30:.1f} GiB" if hasattr(torch.mps, "recommended_max_memory") else "its"
-    have = runtime.available_memory(device)
-    return f"{have / 2**30:.1f} GiB available" if have else "its"
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -110,7 +108,7 @@ def _remedies(batch_size: int, accum_steps: int) -> str:
 
 def out_of_memory_error(device: torch.device, batch_size: int, accum_steps: int, image_size: int, what: str) -> UserError:
     return UserError(
-        f"out of memory on {device} ({device_memory(device)}) during {what}, at batch_size={batch_size}, "
+        f"out of memory on {device} ({runtime.memory_text(device)}) during {what}, at batch_size={batch_size}, "
         f"image_size={image_size}. {_remedies(batch_size, accum_steps)} Nothing already "
         "saved is lost: best.pt and last.pt hold the last saved state.")
 

@@ -2,28 +2,27 @@
 
 `train_steps` trains from a `Position` (an epoch's batch order, the batches done, the running
 sums) until the epoch ends or one of its scheduled checks asks the caller to save or to stop.
-The host never waits for the GPU inside a step: nothing reads a device value back. It waits
-only at the scheduled checks: every `check_every` steps (50 on a GPU, where each wait drains
-the queue of launched work; every step on the CPU, where it costs nothing) and at the epoch's
-end. A check all-reduces, in one small tensor, the stop flag that signals set, the earliest
-step whose loss was not finite, and whether a periodic save is due, so that under torchrun
-every rank acts at the same step.
+The host never waits for the device inside a step: nothing reads a device value back. It waits
+only at the scheduled checks, every `plan.check_every` optimizer steps (50 on a GPU, where each
+wait drains the queue of launched work; every step on the CPU, where it costs nothing) and at
+the epoch's end. A check reads, in one small tensor all-reduced over the ranks, the stop flag
+that signals set, the first batch whose loss was not finite, and whether a periodic save is
+due, so that under torchrun every rank acts at the same step. Checks, stops and saves fall only
+on optimizer steps' boundaries, so that no partial accumulation of gradients is ever lost.
 
-A non-finite loss never reaches the weights: on CUDA the fused optimizer (or, with fp16, the
-gradient scaler) skips that step on the device (`found_inf`), and the flag is read at the next
-check; elsewhere (the CPU, where it costs nothing; Apple's MPS, which has neither) it is read
-before the step.
+A non-finite loss: the first such batch is kept in a device tensor, updated without a host wait,
+and read at the next check, which comes before that check's optimizer step is applied. So with a
+check every step no bad step is ever applied; with a longer interval, up to `check_every - 1`
+of them may be, in memory only (nothing is saved after the first: saves happen at checks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,26 +31,12 @@ from . import runtime
 from .config import Config, Stage
 from .data import Batches
 from .evaluate import logits
+from .run import Position, Run, StageRun
 
 if TYPE_CHECKING:
     from .guard import StopSignals
-    from .train import Run
 
-CHECK_EVERY_GPU = 50  # steps between scheduled checks on a GPU (the only host waits of an epoch)
-NO_BAD_STEP = 1 << 30
-
-
-@dataclass
-class Position:
-    """Where an epoch stands: enough to stop after any step and go on from there."""
-    epoch: int                                # the epoch's index in the run (0-based)
-    order: torch.Tensor                       # its batch order (CPU), the same on every rank
-    step: int = 0                             # batches done
-    loss_sum: torch.Tensor | float = 0.0      # sum of loss x images over the batches done
-    seen: int = 0                             # images trained on
-    train_seconds: float = 0.0                # time spent in training steps (validation apart)
-    seconds: float = 0.0                      # wall time of the epoch so far
-    bad_step: int | None = None               # the first step whose loss was not finite
+NO_BAD_STEP = 1 << 62  # first bad batch b is carried as NO_BAD_STEP - b, so that a MAX finds the first
 
 
 def apply_stage(model: nn.Module, groups: dict[str, list[str]], stage: Stage) -> list[dict[str, Any]]:
@@ -74,146 +59,130 @@ def train_mode(model: nn.Module, frozen_bn: str = "eval") -> None:
             m.eval()
 
 
-def make_optimizer(cfg: Config, param_groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    fused = {"fused": True} if device.type == "cuda" else {}
+def make_optimizer(cfg: Config, param_groups: list[dict[str, Any]], fused: bool) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay, **fused)
+                           weight_decay=cfg.weight_decay, fused=fused)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, fused: bool) -> None:
+    """Load a saved optimizer state under this run's plan: `load_state_dict` copies the saved
+    groups' flags back, so a run saved unfused (on the CPU, say) would stay unfused on CUDA,
+    and the other way round; the plan's `fused` is set again on every group."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = None  # fused and foreach exclude each other
 
 
 def make_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, steps: int):
-    """OneCycleLR over exactly `steps` optimizer steps (at least 2, which it needs)."""
+    """OneCycleLR over exactly `steps` optimizer steps (at least 2, which it needs). A warm-up of
+    exactly one step would end at step 0 and divide by zero in OneCycleLR; it is made a hair
+    longer."""
+    total = max(steps, 2)
+    warmup = stage.warmup * (1 + 1e-6) if stage.warmup * total == 1 else stage.warmup
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=list(stage.lr), total_steps=max(steps, 2), pct_start=stage.warmup,
+        opt, max_lr=list(stage.lr), total_steps=total, pct_start=warmup,
         anneal_strategy=stage.anneal, cycle_momentum=cfg.cycle_momentum and cfg.optimizer == "sgd")
 
 
-def make_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """A gradient scaler, enabled where autocast runs in fp16 (GPUs without bf16), whose small
-    gradients would otherwise underflow; a disabled one, which does nothing, elsewhere."""
-    return torch.amp.GradScaler(device.type, enabled=runtime.autocast(device)[1] == torch.float16)
-
-
 def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
-    """A run saved on the CPU or a bf16 GPU holds a disabled scaler's `{}`, which an enabled
-    scaler (fp16, on a pre-Ampere GPU) refuses; it then starts afresh, as any new run does."""
+    """A run saved without fp16 holds a disabled scaler's `{}`, which an enabled scaler refuses;
+    it then starts afresh, as any new run does."""
     if state:
         scaler.load_state_dict(state)
-
-
-def check_every(device: torch.device) -> int:
-    return 1 if device.type == "cpu" else CHECK_EVERY_GPU
 
 
 def train_loader(run: Run) -> Batches:
     return Batches(run.train, run.cfg.batch_size, shuffle=True, drop_last=True, seed=run.cfg.seed)
 
 
-def scheduled_check(device: torch.device, first_bad: torch.Tensor, stop: bool, save_due: bool) -> tuple[bool, int | None, bool]:
-    """The loop's one host wait between epoch ends: (stop, first non-finite step or None, save),
-    agreed by every rank in one all-reduce."""
-    code = torch.where(first_bad >= 0, NO_BAD_STEP - first_bad, 0).reshape(1).float()
-    flags = torch.cat([code, torch.tensor([float(stop), float(save_due)]).to(device)])
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, stop_, save = flags.tolist()
-    return stop_ > 0, (NO_BAD_STEP - int(bad)) if bad > 0 else None, save > 0
+def scheduled_check(first_bad: torch.Tensor, stop: bool, save_due: bool) -> tuple[bool, int | None, bool]:
+    """The loop's one host wait between epoch ends: (stop, first non-finite batch or None, save),
+    agreed by every rank in one all-reduce. `first_bad` is an int64 device tensor, -1 for none."""
+    code = torch.where(first_bad >= 0, NO_BAD_STEP - first_bad, 0)
+    flags = torch.stack([code, code.new_tensor(int(stop)), code.new_tensor(int(save_due))])
+    bad, stop_, save = runtime.all_reduce(flags, "max").tolist()
+    return stop_ > 0, (NO_BAD_STEP - bad) if bad > 0 else None, save > 0
 
 
-def train_steps(run: Run, model: nn.Module, opt, sched, scaler, pos: Position,
-                stop: StopSignals | None = None, save_due=lambda: False) -> str:
-    """Train from `pos` (which advances) to the epoch's end: returns "done", or earlier "stop"
-    (a signal came), "save" (a periodic save is due) or "non-finite" (`pos.bad_step` says where).
+def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None = None, save_due=lambda: False) -> str:
+    """Train from `pos` (which advances) to `pos.end`: returns "done", or earlier "stop" (a
+    signal came), "save" (a periodic save is due) or "non-finite" (`pos.bad_step` says where;
+    the optimizer step it belongs to was not applied).
 
     With gradient accumulation, DDP all-reduces the gradients only at the last micro-batch of
     each optimizer step (`no_sync` for the others).
     """
-    accum, dev = run.cfg.accum_steps, run.device
-    train_mode(model, run.cfg.frozen_bn)
-    loader = train_loader(run)
-    n, every = len(loader), check_every(dev)
-    autocast, _ = runtime.autocast(dev)
-    inner = getattr(model, "_orig_mod", model)  # under torch.compile
+    accum, plan, opt = run.cfg.accum_steps, run.plan, st.opt
+    train_mode(st.net, run.cfg.frozen_bn)
+    inner = getattr(st.net, "_orig_mod", st.net)  # under torch.compile
     ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
-    skip_on_device = getattr(opt, "_step_supports_amp_scaling", False) and not scaler.is_enabled()
-    total = torch.as_tensor(pos.loss_sum, dtype=torch.float32).to(dev)
-    first_bad = torch.full((), -1, dtype=torch.long, device=dev)
-    step_bad = None
-    bar = tqdm(loader.epoch(pos.epoch, pos.order, pos.step), initial=pos.step, total=n, desc=f"epoch {pos.epoch + 1}",
-               leave=False, disable=not runtime.is_main_process())
+    if not isinstance(pos.loss_sum, torch.Tensor):
+        pos.loss_sum = torch.tensor(float(pos.loss_sum), device=run.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
+    bar = tqdm(train_loader(run).epoch(pos.epoch, pos.order, pos.step, pos.end), initial=pos.step, total=pos.end,
+               desc=f"epoch {pos.epoch + 1}", leave=False, disable=not runtime.is_main_process())
     started, event = time.perf_counter(), "done"
     try:
         for i, (x, y) in enumerate(bar, start=pos.step):
             inputs, targets = run.aug(x, y)
-            stepping = (i + 1) % accum == 0 or i + 1 == n
+            stepping = (i + 1) % accum == 0 or i + 1 == pos.end
             with contextlib.nullcontext() if stepping or not ddp else inner.no_sync():
-                with autocast:
-                    loss = F.cross_entropy(model(inputs).float(), targets)
-                scaler.scale(loss / accum).backward()
-            bad = ~torch.isfinite(loss.detach())
-            step_bad = bad if step_bad is None else step_bad | bad
-            if stepping:
-                if skip_on_device:  # the fused kernels skip the update where found_inf is set
-                    opt.grad_scale, opt.found_inf = None, step_bad.float().reshape(1)
-                elif dev.type in ("cpu", "mps") and step_bad.item():  # no fused skip there: look now
-                    pos.bad_step = i + 1
-                    return "non-finite"  # not applied: the weights are as after the last good step
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                if sched.last_epoch + 1 < sched.total_steps:
-                    sched.step()
-                first_bad = torch.where((first_bad < 0) & step_bad, i + 1, first_bad)
-                step_bad = None
-            total += loss.detach() * len(x)
+                with plan.autocast():
+                    loss = F.cross_entropy(st.net(inputs).float(), targets)
+                st.scaler.scale(loss / accum).backward()
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
+            pos.loss_sum += loss * len(x)
             pos.seen += len(x)
-            pos.step = i + 1
-            if pos.step % every == 0 or pos.step == n:
-                stopping, bad_step, save = scheduled_check(dev, first_bad, bool(stop and stop.signum), save_due())
-                if bad_step is not None:
-                    pos.bad_step = bad_step
+            if not stepping:
+                continue
+            check = -(-(i + 1) // accum) % plan.check_every == 0 or i + 1 == pos.end
+            if check:
+                stopping, bad, save = scheduled_check(first_bad, bool(stop and stop.signum), save_due())
+                if bad is not None:
+                    pos.bad_step = bad
+                    opt.zero_grad(set_to_none=True)
                     return "non-finite"
-                if stopping or save:
-                    event = "stop" if stopping else "save"
-                    break
+            st.scaler.step(opt)
+            st.scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if st.sched.last_epoch + 1 < st.sched.total_steps:
+                st.sched.step()
+            pos.step = i + 1
+            if check and (stopping or save):
+                event = "stop" if stopping else "save"
+                break
     finally:
-        pos.loss_sum = total
         pos.train_seconds += time.perf_counter() - started
-        if hasattr(opt, "found_inf"):
-            del opt.found_inf, opt.grad_scale
         bar.close()
     return event
 
 
-def world_sums(*values: torch.Tensor | float) -> list[float]:
-    """Each value summed over the ranks (one all-reduce), as floats: an epoch-end host wait."""
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in values])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def train_epoch(run: Run, model: nn.Module, opt, sched, scaler, epoch: int) -> float:
+def train_epoch(run: Run, st: StageRun, epoch: int) -> float:
     """One whole epoch over this rank's shard; returns the mean training loss (soft targets).
-    (What the benchmarks time; `cifarlib.train.epochs` runs `train_steps` with its checks.)"""
-    pos = Position(epoch, train_loader(run).order(epoch))
-    train_steps(run, model, opt, sched, scaler, pos)
-    total, seen = world_sums(pos.loss_sum, pos.seen)
+    (What the benchmarks time; `cifarlib.train` runs `train_steps` with its checks.)"""
+    loader = train_loader(run)
+    pos = Position(epoch, loader.order(epoch), len(loader))
+    train_steps(run, st, pos)
+    total, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
     return total / max(seen, 1)
 
 
 @torch.no_grad()
 def validate(run: Run, model: nn.Module) -> tuple[float, float]:
-    """Loss and top-1 accuracy on the validation split, through the one evaluation path."""
+    """Loss and top-1 accuracy on the validation split, through the one evaluation path, under
+    the run's plan."""
     model.eval()
     mean, std = run.aug.mean, run.aug.std
     loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
     for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
-        scores = logits(model, x, run.aug.size, mean, std)  # the stage's size
+        scores = logits(model, x, run.aug.size, mean, std, plan=run.plan)  # the stage's size
         loss += F.cross_entropy(scores, y, reduction="sum")
         correct += (scores.argmax(1) == y).sum()
         seen += len(y)
-    total_loss, total_correct, count = world_sums(loss, correct, seen)
+    total_loss, total_correct, count = runtime.sum_over_ranks(loss, correct, seen)
     return total_loss / max(count, 1), total_correct / max(count, 1)

@@ -243,4 +243,4 @@ def from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise UserError(f"{path} does not hold {ckpt['backbone']} weights as it claims: "
                         f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
     device = torch.device(device)
-    return model.to(device, memory_format=runtime.memory_format(device)).eval(), ckpt
+    return model.to(device, memory_format=runtime.auto_plan(device).memory_format).eval(), ckpt

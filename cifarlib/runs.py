@@ -9,7 +9,7 @@ checkpoint), so a hundred runs take a fraction of a second (`benchmarks/bench_ru
 that is missing or unreadable is named in the run's `problem`, and the table is built all the
 same; a run with a config and no history yet is simply `unfinished`.
 
-`status` replays the training loop's early-stopping rule (`cifarlib.train.epochs`) over the
+`status` replays the training loop's early-stopping rule (`cifarlib.stopping`) over the
 history's validation losses: `finished` (every stage ran all its epochs), `stopped early` (the
 run is complete, but a stop cut a stage short or ended the run), `unfinished` (anything else, a
 run still training included). `started` is the time `config.json` was written, when the run began.
@@ -30,10 +30,11 @@ from typing import Any
 import pandas as pd
 
 from . import runtime
+from .stopping import replay
 from .errors import UserError, cli_errors
 
 COLUMNS = ["run", "started", "status", "preset", "backbone", "weights", "dataset", "image_size", "batch_size",
-           "epochs_done", "epochs_planned", "best_val_acc", "best_val_acc_epoch", "best_val_loss",
+           "precision", "epochs_done", "epochs_planned", "best_val_acc", "best_val_acc_epoch", "best_val_loss",
            "best_val_loss_epoch", "metrics_split", "test_top1", "test_top5", "ece", "wall_s", "images_per_s",
            "problem"]
 INTS = ["image_size", "batch_size", "epochs_done", "epochs_planned", "best_val_acc_epoch", "best_val_loss_epoch"]
@@ -108,26 +109,9 @@ def _plan(cfg: dict[str, Any]) -> tuple[list[int], int, bool]:
 
 
 def run_status(val_loss: list[float], stages: list[int], patience: int, stop_ends_run: bool) -> tuple[str, int]:
-    """The status of a history of validation losses, and how many of its epochs the plan covers.
-
-    The loop's rule: in each stage, count the epochs without a validation loss below the stage's
-    best; at `patience` the stage ends, and the run too when `stop_ends_run`. (history.csv rounds
-    losses to 6 decimals, so two losses equal there but not in training could in principle be
-    replayed differently.)"""
-    i, cut = 0, False
-    for s, epochs in enumerate(stages):
-        best, bad = math.inf, 0
-        for e in range(epochs):
-            if i == len(val_loss):
-                return "unfinished", i
-            best, bad = (val_loss[i], 0) if val_loss[i] < best else (best, bad + 1)
-            i += 1
-            if bad >= patience:
-                if stop_ends_run:
-                    return ("stopped early" if e + 1 < epochs or s + 1 < len(stages) else "finished"), i
-                cut = cut or e + 1 < epochs
-                break
-    return ("stopped early" if cut else "finished"), i
+    """The status of a history of validation losses, and how many of its epochs the plan covers:
+    the training loop's own early-stopping rule, replayed (`cifarlib.stopping`)."""
+    return replay(val_loss, stages, patience, stop_ends_run)
 
 
 def _text(value: Any) -> str | None:
@@ -149,7 +133,8 @@ def _weights(value: Any) -> str | None:
 def _from_config(row: dict[str, Any], cfg: dict[str, Any]) -> None:
     row.update(preset=_text(cfg.get("preset")), backbone=_text(cfg.get("backbone")), weights=_weights(cfg.get("weights")),
                dataset=_text(cfg.get("dataset")), image_size=_int(cfg.get("image_size")),
-               batch_size=_int(cfg.get("batch_size")))
+               batch_size=_int(cfg.get("batch_size")),
+               precision=_text(cfg["plan"].get("precision")) if isinstance(cfg.get("plan"), dict) else None)
 
 
 def _from_history(row: dict[str, Any], history: list[dict[str, Any]]) -> None:

@@ -11,17 +11,13 @@ and `submit`, which copies them to CPU memory and hands the writing of `best.pt`
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoints, runtime
 from .config import to_dict
-from .loop import Position, world_sums
-
-if TYPE_CHECKING:
-    from .train import Run
+from .run import Position, Run, StageRun
 
 
 def checkpoint_dict(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[str, Any]:
@@ -36,32 +32,29 @@ def checkpoint_dict(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[
 
 def rng_states(run: Run) -> dict[str, Any]:
     """Every random state that training draws from: each rank's augmentation generator (and
-    CUDA generator), and the CPU's. Under torchrun, a collective."""
-    mine = [run.aug.generator.get_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None]
-    ranks = [mine]
-    if dist.is_initialized():
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
-    return {"augment": [r[0] for r in ranks], "cuda": [r[1] for r in ranks], "torch": torch.get_rng_state()}
+    device generator, where the device has its own), and the CPU's. Under torchrun, a collective."""
+    ranks = runtime.gather_objects([run.aug.generator.get_state(), runtime.rng_state(run.device)])
+    return {"augment": [r[0] for r in ranks], "device": [r[1] for r in ranks], "torch": torch.get_rng_state()}
 
 
 def restore_rng(run: Run, rng: dict[str, Any], rank: int) -> None:
     states = rng["augment"]
     run.aug.generator.set_state(states[rank % len(states)])
     torch.set_rng_state(rng["torch"])
-    cuda = rng.get("cuda") or [None]
-    if run.device.type == "cuda" and cuda[rank % len(cuda)] is not None:
-        torch.cuda.set_rng_state(cuda[rank % len(cuda)], run.device)
+    device_states = rng.get("device", rng.get("cuda")) or [None]  # "cuda" in checkpoints before the device plan
+    runtime.set_rng_state(run.device, device_states[rank % len(device_states)])
 
 
-def resume_state(run: Run, si: int, pos: Position | None, opt, sched, scaler, stage_best: float, bad: int) -> dict[str, Any]:
-    """What `last.pt` needs to go on exactly where the run stands: after an epoch (`pos` None),
-    or at `pos` inside one. Under torchrun a collective (random states, the epoch's sums)."""
-    state = {"stage": si, "next_stage": run.next_stage, "next_epoch": run.next_epoch,
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-             "stage_best": stage_best, "bad_epochs": bad, "best_val_loss": run.best_val_loss, "rng": rng_states(run)}
+def resume_state(run: Run, st: StageRun, pos: Position | None) -> dict[str, Any]:
+    """What `last.pt` needs to go on exactly where the run stands (`run.at`): after an epoch
+    (`pos` None), or at `pos` inside one. Under torchrun a collective (random states, the
+    epoch's sums)."""
+    state = {"stage": st.index, "next_stage": run.at.stage, "next_epoch": run.at.epoch,
+             "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "scaler": st.scaler.state_dict(),
+             "stage_best": st.patience.best, "bad_epochs": st.patience.bad, "best_val_loss": run.best_val_loss,
+             "rng": rng_states(run)}
     if pos is not None:
-        loss_sum, seen = world_sums(pos.loss_sum, pos.seen)
+        loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
         state.update(step=pos.step, order=pos.order, loss_sum=loss_sum, seen=int(seen),
                      train_seconds=pos.train_seconds, seconds=pos.seconds)
     return state

@@ -12,10 +12,16 @@ keep the pretrained statistics, with "train" they go on updating them, as a plai
 `model.train()` does. Early stopping watches the validation loss, with its counter reset at
 each stage.
 
-On CUDA: bf16 autocast (fp16 with a gradient scaler where bf16 is missing), channels_last,
-fused optimizers, cuDNN autotuning, optional torch.compile. Under torchrun:
-DistributedDataParallel, each rank training on its own shard of the device-resident data; only
-rank 0 writes files. The steps themselves, and their scheduled checks, are in `cifarlib.loop`.
+What runs how on the device (precision, fused optimizers, memory layout, how often the loop
+checks) is the run's device plan (`cifarlib.runtime.resolve_plan`), resolved once in `prepare`
+from the settings of the same names, printed, and recorded in config.json and every checkpoint.
+Under torchrun: DistributedDataParallel, each rank training on its own shard of the
+device-resident data; only rank 0 writes files. The steps themselves, and their scheduled
+checks, are in `cifarlib.loop`; the state they change, in `cifarlib.run`.
+
+The loop reads from the top down, one level per function: `epochs` runs the stages, `_stage`
+one stage's epochs, `_epoch` one epoch's steps (with a save or a stop wherever a check asks),
+and `_end_epoch` the epoch's end (validation, early stopping, the history row, the save).
 
 Nothing is lost when a run stops (see `cifarlib.guard`): on SIGINT, SIGTERM or a notebook's
 interrupt, the step in progress finishes, `last.pt` gets the exact position (model, optimizer,
@@ -38,51 +44,29 @@ several epochs per stage on a GPU; short runs and CPU runs should leave it off.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import fields, replace
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import checkpoints, guard, runstate, runtime
 from .augment import BatchAugment, make_policy
-from .config import PRESETS, Config, from_dict, make_config, parse_value, stage_image_size, to_dict
-from .data import CifarData, Split, load_cifar
+from .config import PRESETS, Config, make_config, parse_value, resumed, stage_image_size, to_dict
+from .data import Split, load_cifar
 from .errors import UserError, cli_errors
-from .loop import (CHECK_EVERY_GPU, Position, apply_stage, load_scaler_state,  # noqa: F401
-                   make_optimizer, make_scaler, make_schedule, train_epoch, train_loader, train_mode,
-                   train_steps, validate, world_sums)
+from .loop import (apply_stage, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
+                   make_schedule, train_epoch, train_loader, train_mode, train_steps, validate)
 from .model import GROUPS, build_model, layer_groups
 from .preprocess import normalization
+from .run import Position, Progress, Run, StageRun
+from .stopping import Patience
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
-
-
-@dataclass
-class Run:
-    """What a training run holds between epochs."""
-    cfg: Config
-    dir: Path
-    device: torch.device
-    data: CifarData
-    train: Split                  # this rank's shard of the training split
-    val: Split                    # this rank's shard of the validation split
-    model: nn.Module
-    groups: dict[str, list[str]]
-    aug: BatchAugment
-    history: list[dict[str, Any]] = field(default_factory=list)
-    next_stage: int = 0           # where training goes on: stage index ...
-    next_epoch: int = 0           # ... and epoch within it
-    best_val_loss: float = math.inf
-    resume_state: dict[str, Any] | None = None  # optimizer, schedule, position... to continue from
-    broken: str | None = None     # why this Run can't go on in memory (it stopped inside a step)
-    saving_seconds: float = 0.0   # time the loop spent handing its files to the saver
-    last_save: float = field(default_factory=time.monotonic)
-    memory_checked: bool = False
 
 
 def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) -> Split:
@@ -97,31 +81,21 @@ def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) 
     return split if world == 1 else split.subset(torch.arange(rank, n, world))
 
 
+# --- before training -----------------------------------------------------------------------------
+
 def prepare(cfg: Config) -> Run:
-    """Load data and model, make or reopen the run folder, and restore the state to resume."""
+    """Resolve the device plan, load data and model, make or reopen the run folder, and restore
+    the state to resume. Every setting is checked, and the plan resolved, before any data loads."""
     rank, world = runtime.setup_distributed(cfg.device)
     checkpoints.SAVER.wait()  # a save of this process still being written (a notebook's last run)
-    saved = None
-    if cfg.resume:
-        if not cfg.run_name:
-            raise UserError("resume=True needs the run_name of the run to continue.")
-        path = checkpoints.prepare_run_dir(cfg.run_name, resume=True, overwrite=False, root=cfg.checkpoint_dir)
-        saved = checkpoints.load(path / "last.pt")
-        # the run's own recipe; where things are and what runs them may have changed
-        keep = {k: getattr(cfg, k) for k in ("device", "compile", "data_dir", "cache_dir", "checkpoint_dir", "verify_checksums")}
-        cfg = replace(from_dict(saved["config"]), resume=True, **keep)
-    else:
-        name = [cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)]
-        if dist.is_initialized():
-            dist.broadcast_object_list(name, src=0)  # one name, even if the ranks' clocks differ
-        cfg = replace(cfg, run_name=name[0])
+    cfg, saved = _config(cfg)
+    plan = runtime.resolve_plan(cfg.device, cfg.precision, cfg.fused, cfg.channels_last, cfg.check_every)
+    cfg = replace(cfg, plan=plan.to_dict())
+    checkpoints.check_writable(cfg.checkpoint_dir)  # on every rank: none may wait for one that failed
     torch.manual_seed(cfg.seed)
-    device = runtime.pick_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
     data = load_cifar(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
-                      verify_checksums=cfg.verify_checksums, device=device, store_size=cfg.store_size,
+                      verify_checksums=cfg.verify_checksums, device=plan.device, store_size=cfg.store_size,
                       cache_dir=cfg.cache_dir)
     if saved and list(saved["classes"]) != data.classes:
         raise UserError(f"cannot resume: the classes in {data.folder} are no longer the run's.\n"
@@ -129,49 +103,227 @@ def prepare(cfg: Config) -> Run:
     model = build_model(cfg.backbone, num_classes=data.num_classes, weights="none" if saved else cfg.weights,
                         head_init=cfg.head_init)
     path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
-    model.to(device, memory_format=runtime.memory_format(device))
+    model.to(plan.device, memory_format=plan.memory_format)
     mean, std = normalization(cfg.backbone)
-    aug = BatchAugment(make_policy(cfg.augmentation), cfg.image_size, mean, std, data.num_classes, seed=cfg.seed + rank)
-    run = Run(cfg, path, device, data, _shard(data.train, rank, world, "training", equal=True),
+    aug = BatchAugment(make_policy(cfg.augmentation), cfg.image_size, mean, std, data.num_classes,
+                       seed=cfg.seed + rank, channels_last=plan.channels_last)
+    run = Run(cfg, path, plan, data, _shard(data.train, rank, world, "training", equal=True),
               _shard(data.val, rank, world, "validation"), model, layer_groups(model), aug)
     if saved:
-        model.load_state_dict(saved["model"])
-        r = saved["resume"]
-        run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
-        run.next_stage, run.next_epoch, run.resume_state = r["next_stage"], r["next_epoch"], r
-        runstate.restore_rng(run, r["rng"], rank)
-    elif runtime.is_main_process():
-        checkpoints.write_json(to_dict(cfg), path / "config.json")
+        _restore(run, saved, rank)
+    if runtime.is_main_process():
+        _record_config(cfg, path / "config.json", resumed=saved is not None)
+        print(plan.describe(), flush=True)
     return run
+
+
+def _record_config(cfg: Config, path, resumed: bool) -> None:
+    """config.json: written when a run starts; rewritten when a resumed run continues under
+    another device plan, keeping its modification time, which says when the run began (the runs
+    table's `started`)."""
+    if not resumed:
+        checkpoints.write_json(to_dict(cfg), path)
+        return
+    try:
+        began, before = path.stat().st_mtime_ns, checkpoints.read_json(path)
+    except (OSError, ValueError):
+        began, before = None, None
+    if before is None or before.get("plan") != cfg.plan:
+        checkpoints.write_json(to_dict(cfg), path)
+        if began is not None:
+            os.utime(path, ns=(began, began))
+
+
+def _config(cfg: Config) -> tuple[Config, dict[str, Any] | None]:
+    """The run's config, and for a resumed run its saved last.pt: its own recipe, where and how
+    it runs now (`config.resumed`)."""
+    if not cfg.resume:
+        name = cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)
+        return replace(cfg, run_name=runtime.broadcast_object(name)), None  # one name, whatever the ranks' clocks
+    if not cfg.run_name:
+        raise UserError("resume=True needs the run_name of the run to continue.")
+    path = checkpoints.prepare_run_dir(cfg.run_name, resume=True, overwrite=False, root=cfg.checkpoint_dir)
+    saved = checkpoints.load(path / "last.pt")
+    return resumed(saved["config"], cfg), saved
+
+
+def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
+    """Put a resumed run where its last.pt left it: weights, history, progress, the epoch under
+    way (if it stopped inside one) and every random state; the stage's optimizer, schedule and
+    scaler wait in `run.saved` until the stage starts again."""
+    run.model.load_state_dict(saved["model"])
+    r = run.saved = saved["resume"]
+    run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
+    run.at = Progress(r["next_stage"], r["next_epoch"])
+    if r.get("step") is not None:
+        lead = runtime.is_main_process()  # the saved sums are the ranks' total
+        run.epoch = Position(len(run.history), r["order"], len(train_loader(run)), r["step"],
+                             r["loss_sum"] if lead else 0.0, r["seen"] if lead else 0, r["train_seconds"], r["seconds"])
+    runstate.restore_rng(run, r["rng"], rank)
 
 
 def steps_per_epoch(run: Run) -> int:
     return math.ceil(len(train_loader(run)) / run.cfg.accum_steps)
 
 
+# --- training, from the top down -----------------------------------------------------------------
+
+def epochs(run: Run) -> Iterator[dict[str, Any]]:
+    """Train from where `run` stands; yields each epoch's history row once its files are handed
+    to the background saver (they are complete when the generator ends, or is closed).
+
+    Raises `guard.Interrupted` after a signal (its position saved; calling `epochs(run)` again
+    continues there), and `UserError` for a non-finite loss or a lack of memory (nothing written
+    after the last save; continue from it with `prepare(... resume=True)`).
+    """
+    if run.broken:
+        raise UserError(run.broken)
+    _check_memory(run)
+    run.plan.tune()
+    with guard.StopSignals() as stop, _failures(run):
+        while run.at.stage < len(run.cfg.stages):
+            yield from _stage(run, stop)
+
+
+def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
+    """The stage `run.at` points to, from its epoch under way until `run.at` moves on."""
+    if run.stage is None or run.stage.index != run.at.stage:
+        run.stage = _start_stage(run)
+    while run.stage.index == run.at.stage:
+        yield _epoch(run, stop)
+
+
+def _start_stage(run: Run) -> StageRun:
+    """A stage's layers made trainable, at its image size, with a fresh optimizer and one-cycle
+    schedule, or those a resumed run saved inside this stage."""
+    cfg, si = run.cfg, run.at.stage
+    stage = cfg.stages[si]
+    run.aug.size = stage_image_size(cfg, stage)
+    params = apply_stage(run.model, run.groups, stage)
+    opt = make_optimizer(cfg, params, run.plan.fused)
+    st = StageRun(si, stage, _stage_model(run), opt, make_schedule(cfg, opt, stage, steps_per_epoch(run) * stage.epochs),
+                  run.plan.scaler())
+    saved, run.saved = run.saved, None
+    if saved is not None and saved["stage"] == si:
+        load_optimizer_state(opt, saved["optimizer"], run.plan.fused)
+        st.sched.load_state_dict(saved["scheduler"])
+        load_scaler_state(st.scaler, saved.get("scaler", {}))
+        st.patience = Patience(saved["stage_best"], saved["bad_epochs"])
+    return st
+
+
 def _stage_model(run: Run) -> nn.Module:
     """What a stage trains through: the model, in DDP under torchrun, compiled if asked."""
     net = run.model
-    if dist.is_initialized():
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if runtime.distributed():
+        net = nn.parallel.DistributedDataParallel(net, device_ids=runtime.ddp_device_ids(run.device))
     if run.cfg.compile:  # static shapes: training batches all have one size (drop_last)
         net = torch.compile(net, dynamic=False, backend=COMPILE_BACKEND)
     return net
 
 
-def _agree(run: Run, flag: bool) -> bool:
-    """True on every rank if it is True on any (one all-reduce under torchrun)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)]).to(run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def _epoch(run: Run, stop: guard.StopSignals) -> dict[str, Any]:
+    """One epoch: its steps from where it stands, saving or stopping wherever a check asks; then
+    its end."""
+    if run.epoch is None:
+        loader = train_loader(run)
+        run.epoch = Position(len(run.history), loader.order(len(run.history)), len(loader))
+    pos = run.epoch
+    start = time.time() - pos.seconds
+    while (event := _steps(run, pos, stop)) != "done":
+        pos.seconds = time.time() - start
+        _act_on(run, pos, event, stop)
+    run.epoch = None
+    return _end_epoch(run, pos, start)
 
 
-def _row(run: Run, stage, e: int, pos: Position, opt, train_loss: float, val_loss: float, val_acc: float, seen: float) -> dict[str, Any]:
+def _steps(run: Run, pos: Position, stop: guard.StopSignals) -> str:
+    """Training steps until the epoch's end or a check's event. A signal that came while no step
+    ran (during validation, a save, or before a resumed epoch's first step) stops at once."""
+    if runtime.any_rank(stop.signum is not None):
+        return "stop"
+    return train_steps(run, run.stage, pos, stop, lambda: runstate.save_due(run))
+
+
+def _act_on(run: Run, pos: Position, event: str, stop: guard.StopSignals) -> None:
+    """A check's event inside an epoch: a non-finite loss ends the run; a periodic save or a
+    stop saves the exact position, and a stop then ends the run with how to continue."""
+    st = run.stage
+    if event == "non-finite":
+        run.broken = str(guard.non_finite_error(pos.epoch + 1, pos.bad_step, st.stage.name, _rates(st.opt),
+                                                run.plan.precision == "fp16", run.plan.check_every))
+        raise UserError(run.broken)
+    runstate.save_position(run, runstate.resume_state(run, st, pos))
+    if event == "stop":
+        checkpoints.SAVER.wait()  # on disk before the process may end
+        raise guard.Interrupted(guard.interrupted_message(pos.epoch + 1, pos.step, run.cfg.run_name), stop.signum or 2)
+
+
+def _end_epoch(run: Run, pos: Position, start: float) -> dict[str, Any]:
+    """Validation, early stopping, the history row, where training goes on, and the save."""
+    cfg, st = run.cfg, run.stage
+    loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
+    val_loss, val_acc = validate(run, run.model)  # uncompiled: no recompile for eval mode or its last batch
+    pos.seconds = time.time() - start
+    train_loss = loss_sum / max(seen, 1)
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        run.broken = str(guard.non_finite_error(pos.epoch + 1, None if math.isfinite(train_loss) else pos.step,
+                                                st.stage.name, _rates(st.opt), run.plan.precision == "fp16"))
+        raise UserError(run.broken)
+    st.patience = st.patience.after(val_loss)
+    row = _row(run, st, pos, train_loss, val_loss, val_acc, seen)
+    run.history.append(row)
+    run.at = _next(run.at, st.stage.epochs, st.patience.exhausted(cfg.patience), cfg.stop_ends_run, len(cfg.stages))
+    improved = val_loss < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, val_loss)
+    state = runstate.resume_state(run, st, None)
+    if runtime.is_main_process():
+        runstate.submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
+    return row
+
+
+def _next(at: Progress, stage_epochs: int, stopped: bool, stop_ends_run: bool, stages: int) -> Progress:
+    """Where training goes on after epoch `at`: the stage's next epoch, the next stage (at its
+    end, or when early stopping cut it short), or the end (when a stop ends the run)."""
+    if stopped and stop_ends_run:
+        return Progress(stages, 0)
+    if stopped or at.epoch + 1 == stage_epochs:
+        return Progress(at.stage + 1, 0)
+    return Progress(at.stage, at.epoch + 1)
+
+
+@contextmanager
+def _failures(run: Run):
+    """What ends training early, made into one clear message each; files are complete after."""
+    try:
+        yield
+    except KeyboardInterrupt:  # a second Ctrl-C, inside a step: no consistent state to save
+        run.broken = ("this run was stopped inside a step, so its model in memory is not a saved state. "
+                      f"Continue with run_name={run.cfg.run_name} resume=True, from its last save.")
+        raise
+    except Exception as e:
+        if not guard.is_out_of_memory(e):
+            raise
+        phase = "training" if run.epoch is not None else "validation"  # _epoch clears it before validating
+        run.broken = str(guard.out_of_memory_error(run.device, run.cfg.batch_size, run.cfg.accum_steps, run.aug.size, phase))
+        raise UserError(run.broken) from None
+    finally:
+        checkpoints.SAVER.wait()
+
+
+def _check_memory(run: Run) -> None:
+    """Where training memory is the host's, estimate a step's peak once and warn if it won't fit."""
+    cfg = run.cfg
+    if run.plan.watches_memory and not run.memory_checked and runtime.is_main_process():
+        guard.warn_if_too_big(run.model, max(stage_image_size(cfg, s) for s in cfg.stages), cfg.batch_size, cfg.accum_steps)
+        run.memory_checked = True
+
+
+def _row(run: Run, st: StageRun, pos: Position, train_loss: float, val_loss: float, val_acc: float,
+         seen: float) -> dict[str, Any]:
     rates = {f"lr_{g}": 0.0 for g in GROUPS}  # frozen groups: 0
-    rates.update({f"lr_{g['name']}": round(g["lr"], 10) for g in opt.param_groups})
-    return {"epoch": pos.epoch + 1, "stage": stage.name, "stage_epoch": e + 1, **rates,
+    rates.update({f"lr_{g['name']}": round(g["lr"], 10) for g in st.opt.param_groups})
+    return {"epoch": pos.epoch + 1, "stage": st.stage.name, "stage_epoch": run.at.epoch + 1, **rates,
             "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
             "seconds": round(pos.seconds, 2), "images_per_s": round(seen / max(pos.train_seconds, 1e-9), 1)}
 
@@ -184,115 +336,11 @@ def format_row(row: dict[str, Any], run: Run) -> str:
             f"{row['seconds']:.1f} s {row['images_per_s']:.0f} img/s")
 
 
-def epochs(run: Run) -> Iterator[dict[str, Any]]:
-    """Train from where `run` stands; yields each epoch's history row once its files are handed
-    to the background saver (they are complete when the generator ends, or is closed).
-
-    Raises `guard.Interrupted` after a signal (its position saved; calling `epochs(run)` again
-    continues there), and `UserError` for a non-finite loss or a lack of memory (nothing written
-    after the last save; continue from it with `prepare(... resume=True)`).
-    """
-    if run.broken:
-        raise UserError(run.broken)
-    cfg, raw = run.cfg, run.model
-    runtime.tune_for_fixed_shapes(run.device)
-    if run.device.type == "cpu" and not run.memory_checked and runtime.is_main_process():
-        guard.warn_if_too_big(raw, max(stage_image_size(cfg, s) for s in cfg.stages), cfg.batch_size, cfg.accum_steps)
-        run.memory_checked = True
-    spe = steps_per_epoch(run)
-    phase = "training"
-    with guard.StopSignals() as stop:
-        try:
-            for si in range(run.next_stage, len(cfg.stages)):
-                stage = cfg.stages[si]
-                run.aug.size = stage_image_size(cfg, stage)
-                params = apply_stage(raw, run.groups, stage)
-                net = _stage_model(run)
-                opt = make_optimizer(cfg, params, run.device)
-                sched = make_schedule(cfg, opt, stage, spe * stage.epochs)
-                scaler = make_scaler(run.device)
-                stage_best, bad = math.inf, 0
-                r = run.resume_state
-                if r is not None and r["stage"] == si:
-                    opt.load_state_dict(r["optimizer"])
-                    sched.load_state_dict(r["scheduler"])
-                    load_scaler_state(scaler, r.get("scaler", {}))
-                    stage_best, bad = r["stage_best"], r["bad_epochs"]
-                stopped = False
-                for e in range(run.next_epoch, stage.epochs):
-                    r, run.resume_state = run.resume_state, None
-                    if r is not None and r.get("step") is not None and r["stage"] == si:
-                        lead = runtime.is_main_process()  # the saved sums are the ranks' total
-                        pos = Position(len(run.history), r["order"], r["step"], r["loss_sum"] if lead else 0.0,
-                                       r["seen"] if lead else 0, r["train_seconds"], r["seconds"])
-                    else:
-                        pos = Position(len(run.history), train_loader(run).order(len(run.history)))
-                    start, phase = time.time() - pos.seconds, "training"
-                    while True:
-                        if _agree(run, stop.signum is not None):
-                            event = "stop"
-                        else:
-                            event = train_steps(run, net, opt, sched, scaler, pos, stop, lambda: runstate.save_due(run))
-                        pos.seconds = time.time() - start
-                        if event == "done":
-                            break
-                        if event == "non-finite":
-                            run.broken = str(guard.non_finite_error(pos.epoch + 1, pos.bad_step, stage.name, _rates(opt),
-                                                                    runtime.autocast(run.device)[1] == torch.float16))
-                            raise UserError(run.broken)
-                        run.next_stage, run.next_epoch = si, e
-                        state = runstate.resume_state(run, si, pos, opt, sched, scaler, stage_best, bad)
-                        runstate.save_position(run, state)
-                        if event == "stop":
-                            checkpoints.SAVER.wait()  # on disk before the process may end
-                            run.resume_state = state
-                            raise guard.Interrupted(guard.interrupted_message(pos.epoch + 1, pos.step, cfg.run_name),
-                                                    stop.signum or 2)
-                    phase = "validation"
-                    loss_sum, seen = world_sums(pos.loss_sum, pos.seen)
-                    val_loss, val_acc = validate(run, raw)  # uncompiled: no recompile for eval mode or its last batch
-                    pos.seconds = time.time() - start
-                    train_loss = loss_sum / max(seen, 1)
-                    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                        fp16 = runtime.autocast(run.device)[1] == torch.float16
-                        run.broken = str(guard.non_finite_error(pos.epoch + 1, None if math.isfinite(train_loss) else pos.step,
-                                                                stage.name, _rates(opt), fp16))
-                        raise UserError(run.broken)
-                    stage_best, bad = (val_loss, 0) if val_loss < stage_best else (stage_best, bad + 1)
-                    stopped = bad >= cfg.patience
-                    row = _row(run, stage, e, pos, opt, train_loss, val_loss, val_acc, seen)
-                    run.history.append(row)
-                    done = stopped or e + 1 == stage.epochs
-                    run.next_stage = (len(cfg.stages) if stopped and cfg.stop_ends_run else si + 1) if done else si
-                    run.next_epoch = 0 if done else e + 1
-                    state = runstate.resume_state(run, si, None, opt, sched, scaler, stage_best, bad)
-                    if runtime.is_main_process():
-                        improved = val_loss < run.best_val_loss
-                        run.best_val_loss = min(run.best_val_loss, val_loss)
-                        state["best_val_loss"] = run.best_val_loss
-                        runstate.submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
-                    yield row
-                    if stopped:
-                        break
-                run.next_epoch = 0
-                if stopped and cfg.stop_ends_run:
-                    break
-        except KeyboardInterrupt:  # a second Ctrl-C, inside a step: no consistent state to save
-            run.broken = ("this run was stopped inside a step, so its model in memory is not a saved state. "
-                          f"Continue with run_name={cfg.run_name} resume=True, from its last save.")
-            raise
-        except Exception as e:
-            if not guard.is_out_of_memory(e):
-                raise
-            run.broken = str(guard.out_of_memory_error(run.device, cfg.batch_size, cfg.accum_steps, run.aug.size, phase))
-            raise UserError(run.broken) from None
-        finally:
-            checkpoints.SAVER.wait()
-
-
 def _rates(opt) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in opt.param_groups}
 
+
+# --- the command line ----------------------------------------------------------------------------
 
 def _usage() -> str:
     lines = ["usage: python -m cifarlib.train [key=value ...]", "",
@@ -301,7 +349,7 @@ def _usage() -> str:
              "in the original preset (fast and cpu differ in the recipe settings):", ""]
     base = make_config("original")
     for f in fields(Config):
-        if f.name != "stages":
+        if f.name not in ("stages", "plan", "given"):
             lines.append(f"  {f.name}={getattr(base, f.name)!r}")
     lines += ["", f"presets: {', '.join(PRESETS)}"]
     return "\n".join(lines)
@@ -325,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
             if runtime.is_main_process():
                 print(f"run files: {run.dir}")
     finally:
-        if dist.is_initialized():
+        if runtime.distributed():
+            import torch.distributed as dist
             dist.destroy_process_group()
 
 

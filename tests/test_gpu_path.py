@@ -19,27 +19,29 @@ from cifarlib.config import Stage, make_config
 from cifarlib.data import Split
 from cifarlib.errors import UserError
 from cifarlib.model import GROUPS, build_model, layer_groups
+from cifarlib.run import Run, StageRun
 
 
 def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
     """On the meta device tensors have no values, so any host read of one inside the loop (an
     `.item()`, a tensor in an `if`, a small copy back) raises. Only the scheduled checks read."""
-    dev = torch.device("meta")
+    plan = runtime.resolve_plan("meta", check_every=50)  # a device that is not the host: checks every 50 steps
     cfg = make_config("cpu", weights="none", backbone="resnet18", image_size=32, batch_size=8, accum_steps=2)
-    net = build_model("resnet18", 10, "none").to(dev)
+    net = build_model("resnet18", 10, "none").to(plan.device)
     groups = layer_groups(net)
     stage = Stage("all", 1, GROUPS, (1e-3,) * 6)
-    opt = train.make_optimizer(cfg, train.apply_stage(net, groups, stage), dev)
-    sched = train.make_schedule(cfg, opt, stage, 4)
-    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8, device=dev), torch.zeros(64, dtype=torch.long, device=dev))
-    run = train.Run(cfg, Path("."), dev, None, split, split, net, groups,
-                    BatchAugment(make_policy("original"), 32, (0.5,) * 3, (0.5,) * 3, 10))
-    checks = []  # the scheduled checks: the loop's only reads, every 50 steps and at the epoch's end
+    opt = train.make_optimizer(cfg, train.apply_stage(net, groups, stage), plan.fused)
+    st = StageRun(0, stage, net, opt, train.make_schedule(cfg, opt, stage, 4), plan.scaler())
+    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8, device=plan.device),
+                  torch.zeros(64, dtype=torch.long, device=plan.device))
+    run = Run(cfg, Path("."), plan, None, split, split, net, groups,
+              BatchAugment(make_policy("original"), 32, (0.5,) * 3, (0.5,) * 3, 10))
+    checks = []  # the scheduled checks: the loop's only reads, every 50 optimizer steps and at the epoch's end
     monkeypatch.setattr(loop, "scheduled_check", lambda *a: checks.append(a) or (False, None, False))
-    monkeypatch.setattr(loop, "world_sums", lambda *values: [0.0] * len(values))
+    monkeypatch.setattr(runtime, "sum_over_ranks", lambda *values: [0.0] * len(values))
     steps = []
     opt.register_step_post_hook(lambda *a: steps.append(1))
-    train.train_epoch(run, net, opt, sched, train.make_scaler(torch.device("cpu")), epoch=0)
+    train.train_epoch(run, st, epoch=0)
     assert len(steps) == 4 and len(checks) == 1  # 8 batches, 2 per optimizer step; one check
 
 
@@ -77,11 +79,10 @@ def test_a_local_rank_without_its_gpu_is_a_clear_error(fake_group, monkeypatch):
     assert fake_group == []
 
 
-def test_an_empty_scaler_state_loads_into_an_enabled_scaler(monkeypatch):
-    """Resuming on an fp16 GPU a run saved on the CPU or a bf16 GPU (a disabled scaler's `{}`)."""
-    monkeypatch.setattr(runtime, "autocast", lambda device: (None, torch.float16))  # a pre-Ampere GPU
-    scaler = train.make_scaler(torch.device("cpu"))
-    assert scaler.is_enabled()
+def test_an_empty_scaler_state_loads_into_an_enabled_scaler():
+    """Resuming under fp16 a run saved without it (a disabled scaler's `{}`)."""
+    scaler = runtime.resolve_plan("cpu", precision="fp16").scaler()
+    assert scaler.is_enabled() and not runtime.resolve_plan("cpu", precision="bf16").scaler().is_enabled()
     train.load_scaler_state(scaler, {})
     saved = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10).state_dict()
     train.load_scaler_state(scaler, saved)
@@ -90,9 +91,9 @@ def test_an_empty_scaler_state_loads_into_an_enabled_scaler(monkeypatch):
 
 def test_cudnn_picks_its_kernels_once_for_fixed_shapes(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    runtime.tune_for_fixed_shapes(torch.device("cpu"))
+    runtime.resolve_plan("cpu").tune()
     assert not torch.backends.cudnn.benchmark
-    runtime.tune_for_fixed_shapes(torch.device("cuda"))
+    runtime.DevicePlan(torch.device("cuda", 0), "bf16", True, True, 50).tune()  # a CUDA plan, made without CUDA
     assert torch.backends.cudnn.benchmark
 
 
@@ -184,26 +185,20 @@ def test_a_rank_without_validation_images_is_refused_not_left_to_hang(two_ranks)
         assert "validation split has 1 image(s) for 2 processes" in r["few_error"] and "max_eval_samples" in r["few_error"]
 
 
-def test_evaluation_and_prediction_run_in_the_training_paths_precision_and_layout(monkeypatch, trained_checkpoint):
-    """On CUDA: bf16 autocast and channels_last, as in training (here both are stood in for)."""
+def test_evaluation_and_prediction_follow_the_device_plan(monkeypatch, trained_checkpoint):
+    """They run with the device's own plan (on CUDA: bf16 autocast and channels_last), here a CPU
+    plan with those choices standing in for it."""
     from cifarlib.evaluate import predict_split
     from cifarlib.predict import Predictor
     from cifarlib.synthetic import make_images
-    entered, layouts = [], []
-
-    class Autocast:
-        def __enter__(self):
-            entered.append(1)
-
-        def __exit__(self, *exc):
-            return False
-    monkeypatch.setattr(runtime, "autocast", lambda device: (Autocast(), torch.bfloat16))
-    monkeypatch.setattr(runtime, "memory_format", lambda device: torch.channels_last)
+    gpu_like = runtime.DevicePlan(torch.device("cpu"), "bf16", False, True, 50)
+    monkeypatch.setattr(runtime, "auto_plan", lambda device: gpu_like)
+    seen = []
     predictor = Predictor.from_checkpoint(trained_checkpoint, device="cpu")
     assert predictor.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    predictor.model.conv1.register_forward_pre_hook(
-        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    predictor.model.conv1.register_forward_pre_hook(lambda m, args: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu"))))
     images = make_images(torch.arange(3), seed=1)
     predictor.predict([img.permute(1, 2, 0).numpy() for img in images])
     predict_split(predictor.model, Split(images, torch.arange(3)), 32, predictor.mean, predictor.std)
-    assert len(entered) == len(layouts) == 2 and all(layouts)
+    assert seen == [(True, True), (True, True)]

@@ -57,8 +57,9 @@ def reference(root):
     assert p.returncode == 0, err[-3000:]
     folder = root / "ckpt" / "reference"
     lines = out.splitlines()
-    assert [line.split(" [")[0] for line in lines[:3]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
-    assert lines[3] == f"run files: {folder}" and len(lines) == 4  # one plain line per epoch on stdout
+    assert lines[0].startswith("device plan: cpu, fp32, unfused optimizer, channels_last, a check every 1 optimizer step")
+    assert [line.split(" [")[0] for line in lines[1:4]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert lines[4] == f"run files: {folder}" and len(lines) == 5  # one plain line per epoch on stdout
     return checkpoints.read_history(folder / "history.csv"), folder
 
 

@@ -48,7 +48,7 @@ def test_original_schedule_matches_the_recipe_step_for_step():
     net = model_lib.build_model("resnet18", 100, "none")
     groups = model_lib.layer_groups(net)
     for stage in cfg.stages:
-        opt = train.make_optimizer(cfg, train.apply_stage(net, groups, stage), torch.device("cpu"))
+        opt = train.make_optimizer(cfg, train.apply_stage(net, groups, stage), fused=False)
         assert opt.defaults["nesterov"] and opt.defaults["weight_decay"] == 5e-4
         steps = 7 * stage.epochs  # any steps per epoch
         sched = train.make_schedule(cfg, opt, stage, steps)
