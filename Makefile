@@ -2,11 +2,23 @@
 #   make test    the whole test suite (offline, CPU)
 #   make demo    every notebook, in order, on synthetic data, on CPU -> runs/demo/
 #   make train   notebooks/03_train.ipynb with its defaults (real CIFAR-100, GPU if present)
+# Add TORCH=cpu to any of them (make test TORCH=cpu) on a machine without an NVIDIA GPU: see below.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# TORCH=cpu: torch and torchvision come from PyTorch's CPU-only wheel index, as PyTorch's install
+# instructions give it, before the rest (pip's default torch on Linux is the CUDA build, whose
+# libraries make .venv about 6 GB). Each choice has its own stamp, so that asking for the other
+# one sets .venv up again; a .venv that already holds the CUDA build is refused (make clean first).
+TORCH ?=
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+ifneq ($(filter-out cpu,$(TORCH)),)
+$(error TORCH=$(TORCH): the one choice is TORCH=cpu; leave TORCH unset for pip's default torch)
+endif
+STAMP := $(VENV)/.installed$(if $(TORCH),-$(TORCH))
+# torch and torchvision with the bounds requirements.txt gives them
+TORCH_REQUIREMENTS := $(shell grep -E '^(torch|torchvision)([<>=!~ ;]|$$)' requirements.txt)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
@@ -33,6 +45,10 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is needed, found " + sys.version.split()[0] + "; run make PYTHON=/path/to/python3.x")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(TORCH),cpu)
+	@$(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit("$(VENV) holds the CUDA build of torch (its nvidia-* libraries); for the CPU-only build, run make clean first, then make again with TORCH=cpu" if any((d.metadata["Name"] or "").lower().startswith("nvidia-") for d in m.distributions()) else 0)'
+	$(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) $(foreach r,$(TORCH_REQUIREMENTS),'$(r)')
+endif
 	$(BIN)/python -m pip install -r requirements.txt -r requirements-dev.txt
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
@@ -47,7 +63,7 @@ demo: $(STAMP)
 		echo "== $$nb"; \
 		case "$$(basename $$nb)" in 01*) p='$(DEMO_01)';; 02*) p='$(DEMO_02)';; 03*) p='$(DEMO_03)';; \
 			04*) p='$(DEMO_04)';; 05*) p='$(DEMO_05)';; 06*) p='$(DEMO_06)';; *) p='';; esac; \
-		$(BIN)/papermill --no-progress-bar -k python3 "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $$p; \
+		$(BIN)/python -m cifarlib.notebook --no-progress-bar "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $$p; \
 		case "$$(basename $$nb)" in 03*) echo "== second run, demo-b (python -m cifarlib.train)"; \
 			$(BIN)/python -m cifarlib.train $(DEMO_B);; esac; \
 	done
@@ -56,7 +72,7 @@ demo: $(STAMP)
 train: $(STAMP)
 	@test -f notebooks/03_train.ipynb || { echo "notebooks/03_train.ipynb does not exist yet"; exit 1; }
 	@mkdir -p runs
-	$(BIN)/papermill -k python3 notebooks/03_train.ipynb runs/train-$$(date +%Y%m%d-%H%M%S).ipynb
+	$(BIN)/python -m cifarlib.notebook notebooks/03_train.ipynb runs/train-$$(date +%Y%m%d-%H%M%S).ipynb
 
 # make app             notebook 05 as a web page (Voila) at http://HOST:PORT/, stopped with Ctrl-C
 # make app CHECKPOINT=checkpoints/RUN/best.pt HOST=0.0.0.0 PORT=8000
