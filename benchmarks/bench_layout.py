@@ -1,5 +1,5 @@
 """A training step of the model alone (no data path), in the default memory layout against
-channels_last, on the CPU: why `runtime.memory_format` picks channels_last there too.
+channels_last, on the CPU: why the device plan (`runtime.resolve_plan`) picks channels_last there too.
 
     python benchmarks/bench_layout.py [--image-size 64] [--batch-size 32]
 

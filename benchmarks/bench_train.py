@@ -4,8 +4,8 @@ Both train the same backbone on the same synthetic 32x32 images held in memory (
 on --device, in the same run:
 
 - ours: `cifarlib.train.train_epoch` itself: device-resident uint8 data, `Batches`, the
-  `original` augmentation policy on the device, bf16 autocast and channels_last on CUDA, fused
-  optimizer, optional torch.compile;
+  `original` augmentation policy on the device, under the device's own plan (bf16 autocast,
+  channels_last, fused optimizer and cuDNN autotuning on CUDA), optional torch.compile;
 - original: torchvision-style dataset of PIL images with the original per-sample chain, a
   DataLoader with 4 workers (as the original had) and again with one worker per core, fp32,
   batch 32, timm's Mixup/CutMix, SGD with Nesterov momentum.
@@ -43,6 +43,7 @@ from cifarlib.augment import BatchAugment, make_policy  # noqa: E402
 from cifarlib.config import Stage, make_config  # noqa: E402
 from cifarlib.data import Split  # noqa: E402
 from cifarlib.model import GROUPS, build_model, layer_groups  # noqa: E402
+from cifarlib.run import Run, StageRun  # noqa: E402
 from cifarlib.preprocess import normalization  # noqa: E402
 from cifarlib.synthetic import make_images  # noqa: E402
 
@@ -73,29 +74,32 @@ def summary(rates, batch, peak_mb, **extra):
 
 
 def ours(a, images, labels, device, head_only: bool):
-    """The project's own epoch function on windows of `steps` batches: yields images/s per window."""
+    """The project's own epoch function on windows of `steps` batches: yields images/s per window.
+    It runs under the device's own plan, as training does (bf16 autocast, fused optimizer,
+    channels_last and cuDNN autotuning on CUDA)."""
     cfg = make_config("original", backbone=a.backbone, weights="none", image_size=a.image_size,
-                      batch_size=a.batch_size, compile=a.compile, device=str(device))
-    model = build_model(a.backbone, 100, "none").to(device, memory_format=runtime.memory_format(device))  # as training
+                      batch_size=a.batch_size, compile=a.compile, device=str(device), optimizer=a.optimizer)
+    plan = runtime.resolve_plan(device)
+    plan.tune()  # cuDNN autotuning, as training turns on
+    model = build_model(a.backbone, 100, "none").to(device, memory_format=plan.memory_format)  # as training
     groups = layer_groups(model)
     stage = Stage("bench", 1, ("head",), (0.01,)) if head_only else Stage("bench", 1, GROUPS, (1e-3,) * 6)
     params = train.apply_stage(model, groups, stage)
     net = torch.compile(model, dynamic=False, backend=a.compile_backend) if a.compile else model
-    opt = train.make_optimizer(cfg, params, device)
-    sched = train.make_schedule(cfg, opt, stage, (a.warmup + a.windows) * a.steps)
-    scaler = train.make_scaler(device)  # enabled for fp16 autocast (GPUs without bf16)
+    opt = train.make_optimizer(cfg, params, plan.fused)
+    st = StageRun(0, stage, net, opt, train.make_schedule(cfg, opt, stage, (a.warmup + a.windows) * a.steps), plan.scaler())
     n = a.steps * a.batch_size
     split = Split(images[:n], labels[:n]).to(device)
     mean, std = normalization(a.backbone)
-    aug = BatchAugment(make_policy("original"), a.image_size, mean, std, 100, seed=0)
-    run = train.Run(cfg, Path("."), device, None, split, split, model, groups, aug)
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, gradient scaler"}.get(
-        runtime.autocast(device)[1], "fp32")
-    yield {"batch_size": a.batch_size, "compile": a.compile_backend if a.compile else False, "precision": precision}
+    aug = BatchAugment(make_policy("original"), a.image_size, mean, std, 100, seed=0, channels_last=plan.channels_last)
+    run = Run(cfg, Path("."), plan, None, split, split, model, groups, aug)
+    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, gradient scaler"}.get(plan.precision, "fp32")
+    yield {"batch_size": a.batch_size, "compile": a.compile_backend if a.compile else False, "precision": precision,
+           "optimizer": f"{a.optimizer}{' (fused)' if plan.fused else ''}"}
     for w in range(a.warmup + a.windows):
         sync(device)
         t0 = time.perf_counter()
-        train.train_epoch(run, net, opt, sched, scaler, epoch=w)  # ends with .item(): synchronised
+        train.train_epoch(run, st, epoch=w)  # ends with the epoch's loss read back: synchronised
         yield n / (time.perf_counter() - t0)  # main() drops the warm-up windows
 
 
@@ -152,6 +156,7 @@ def main():
     p.add_argument("--passes", type=int, default=2, choices=(1, 2), help="2: run the loops again in reverse order")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch-size", type=int, default=None, help="ours (default: 32 on CPU, 256 on CUDA)")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="ours (the original loop runs SGD)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick check of the path)")
     p.add_argument("--workers", default=f"4,{len(os.sched_getaffinity(0))}", help="DataLoader workers of the original loop")
@@ -183,8 +188,10 @@ def main():
             gen = makers[key]()
             info[key] = next(gen)
             reset_peak(device)
+            t0 = time.perf_counter()
             for _ in range(a.warmup):
                 next(gen)
+            info[key]["warmup_s"] = round(time.perf_counter() - t0, 1)  # compiling, with --compile
             for _ in range(a.windows):
                 rates[key].append(next(gen))
             peaks[key] = max(peaks[key], peak_memory_mb(device))

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# One prepared GPU check, for a machine with an NVIDIA GPU and no network (H100/H200 class).
+# One prepared GPU check, for a machine with an NVIDIA GPU and no network (H100/H200 class),
+# lent briefly: one command of at most 480 s.
 #
-#   benchmarks/gpu_check.sh            # on the GPU machine: at most 4.5 minutes
-#   benchmarks/gpu_check.sh --smoke    # anywhere, on the CPU, tiny sizes: proves the script works
+#   benchmarks/gpu_check.sh            # on the GPU machine
+#   benchmarks/gpu_check.sh --smoke    # anywhere, on the CPU, tiny sizes: every step's code runs
 #
 # It runs with the machine's own python3 (no virtual environment needed; PYTHONPATH=.), never
 # downloads anything, and writes every result to $OUT if set, else to benchmarks/results/:
-#   gpu_env.txt           what the machine is (nvidia-smi, torch, CUDA, cuDNN)
-#   gpu_probe.json        host syncs per training step, recompiles across a stage change, and
-#                         the share of an epoch spent saving (benchmarks/probe_gpu_path.py)
-#   train_gpu_224.json    bench_train.py, eager: ours against the original loop, full fine-tuning
-#   train_gpu_160.json    the same at 160 px
-#   train_gpu_224_compiled.json   ours compiled, 224 px (skipped, with a note, if time is short)
-#   gpu_summary.json      each step's outcome and the headline figures
-#   gpu_check.log         everything printed
+#   gpu_env.txt                  what the machine is (nvidia-smi, torch, CUDA, cuDNN)
+#   gpu_cuda_tests.txt           tests/test_cuda.py's report
+#   train_gpu_224.json           bench_train.py, eager: ours against the original loop, full fine-tuning
+#   train_gpu_160.json           the same at 160 px
+#   gpu_probe_sgd.json           host syncs per step, recompiles across a stage change, and the
+#   gpu_probe_adamw.json         share of an epoch spent saving (benchmarks/probe_gpu_path.py)
+#   train_gpu_224_compiled.json  ours compiled, 224 px (only if the time left allows)
+#   gpu_summary.json             every figure, and each step's outcome: ok, failed (why) or dropped
+#   gpu_check.log                everything printed
 #
-# Every step has its own time limit, and a failed step is reported (which, and why) and not
-# rerun; the steps after it still run. The limits (seconds): environment 15, test suite 90
-# (not in --smoke, which the suite itself runs), probes 45, eager training 75 (both sizes),
-# compiled training 60, started only if that much of the 270-second total is left (of 90 in
-# --smoke, which compiles with the "eager" backend: the same path, without inductor's minutes
-# of C++ compiling on a CPU).
+# The steps, in the order of what matters first, each with its own time limit (seconds):
+#   1. the environment line                                         15
+#   2. tests/test_cuda.py                                           75
+#   3. throughput at 224 px, then at 160 px, ours vs the original   70 each
+#   4. the probes with SGD, then with AdamW                         80 each
+#   5. compiled training at 224 px: only if the time left is at least the compile time measured
+#      by an earlier run (results/gpu_summary.json), or 150 s until one has, plus 30 s of steps.
+# A step is dropped, not started, when less time is left of the total (480 s; 240 in --smoke)
+# than its limit; a failed step is reported (which, and why) and not rerun, and the steps after it
+# still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -30,7 +36,6 @@ DEST="${OUT:-benchmarks/results}"
 mkdir -p "$DEST"
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
-TOTAL=270
 exec > >(tee "$DEST/gpu_check.log") 2>&1
 TEE=$!
 flush_log() { exec >&- 2>&-; wait "$TEE" 2>/dev/null; }  # the log is complete before the script ends
@@ -38,11 +43,17 @@ trap flush_log EXIT
 start=$SECONDS
 STEPS=()
 say() { echo "== [$((SECONDS - start)) s] $*"; }
+left() { echo $((TOTAL - (SECONDS - start))); }
 
-# run_step NAME LIMIT COMMAND...: run with a time limit; record "NAME: ok|failed (why)"
+# run_step NAME LIMIT COMMAND...: dropped if less than LIMIT is left; else run with that limit
+# and record "NAME: ok|failed (why)"
 run_step() {
   local name=$1 limit=$2 rc
   shift 2
+  if (( $(left) < limit )); then
+    STEPS+=("$name: dropped (only $(left) s of the $TOTAL s left, it needs $limit)"); say "$name: dropped"
+    return 0
+  fi
   say "$name (limit ${limit} s)"
   timeout --kill-after=5 "$limit" "$@"
   rc=$?
@@ -56,6 +67,26 @@ run_step() {
   return 0
 }
 
+if [[ $SMOKE == 1 ]]; then
+  TOTAL=${GPU_CHECK_TOTAL:-240}  # the CPU check
+  DEV=cpu; FIRST=32; SECOND=48; NET=test_resnet; BENCH_STEPS=2; WINDOWS=1; BATCH=16; WORKERS=1
+  PROBE="--sync-steps 4 --save-images 64"; BACKEND=eager  # the compiled step's plumbing, without inductor's C++
+  ADAMW_PROBES="syncs,save"  # the recompile probe's code ran with SGD: spare the suite its dynamo time
+  COMPILE_NEED=0
+else
+  TOTAL=${GPU_CHECK_TOTAL:-480}
+  if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "no CUDA device: run with --smoke for the CPU check"; exit 1
+  fi
+  DEV=cuda; FIRST=224; SECOND=160; NET=resnet50; BENCH_STEPS=12; WINDOWS=3; BATCH=256; WORKERS="4,$(nproc)"
+  PROBE="--sync-steps 60 --save-images 45000"; BACKEND=inductor; ADAMW_PROBES="syncs,compile,save"
+  COMPILE_NEED=$("$PY" -c 'import json, sys
+try:
+    print(int(json.load(open("benchmarks/results/gpu_summary.json"))["compile_seconds"]))
+except Exception:
+    print(150)')
+fi
+
 environment() {
   date -u
   nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
@@ -64,6 +95,8 @@ environment() {
 import torch, torchvision, timm
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)
 print("cuda available", torch.cuda.is_available(), "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+from cifarlib import runtime
+print(runtime.resolve_plan("auto").describe())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, "memory GiB", round(p.total_memory / 2**30, 1), "bf16", torch.cuda.is_bf16_supported())
@@ -74,89 +107,70 @@ if torch.cuda.is_available():
     assert err < 2e-2, "matrix product is wrong on this device"
 EOF
 }
-export -f environment
-export PY DEST
-run_step "environment" 15 bash -c 'environment | tee "$DEST/gpu_env.txt"' 
-
-if [[ $SMOKE == 1 ]]; then
-  TOTAL=90  # the CPU check
-  DEV=cpu; SIZES="32 48"; NET=resnet18; STEPS_=2; WINDOWS=2; BATCH=16; PROBE_STEPS=4; WORKERS=2
-  BACKEND=eager  # the compiled step's plumbing, without inductor's minutes of C++ compiling
-else
-  if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    say "no CUDA device: run with --smoke for the CPU check"; exit 1
-  fi
-  DEV=cuda; SIZES="224 160"; NET=resnet50; STEPS_=12; WINDOWS=3; BATCH=256; PROBE_STEPS=20; WORKERS="4,$(nproc)"
-  BACKEND=inductor
-  # The suite (CPU tests pinned to the CPU; notebook and widget tests skip without their packages),
-  # in three parallel parts so that it fits its limit on a many-core machine.
-  suite() {
-    local a="tests/test_interrupts.py tests/test_train.py"
-    local b="tests/test_gpu_path.py tests/test_data_distributed.py tests/test_augment.py tests/test_folders.py tests/test_data.py"
-    local parts=("$a" "$b" "$(for f in $a $b; do printf -- '--ignore=%s ' "$f"; done)--deselect tests/test_benchmarks.py")
-    local pids=() rc=0
-    for part in "${parts[@]}"; do
-      "$PY" -m pytest -q -p no:cacheprovider $part &
-      pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-    return $rc
-  }
-  export -f suite
-  run_step "test suite" 90 bash -c suite
-fi
-
-run_step "probes: syncs, recompiles, saving" 45 "$PY" benchmarks/probe_gpu_path.py --device "$DEV" --backbone "$NET" \
-  --image-size "${SIZES%% *}" --batch-size "$BATCH" --steps "$PROBE_STEPS" --out "$DEST/gpu_probe.json"
-
+cuda_tests() { "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs 2>&1 | tee "$DEST/gpu_cuda_tests.txt"; return "${PIPESTATUS[0]}"; }
 bench() {  # bench SIZE OUTFILE [extra flags]
-  "$PY" benchmarks/bench_train.py --device "$DEV" --image-size "$1" --backbone "$NET" --steps "$STEPS_" \
+  "$PY" benchmarks/bench_train.py --device "$DEV" --image-size "$1" --backbone "$NET" --steps "$BENCH_STEPS" \
     --windows "$WINDOWS" --passes 1 --batch-size "$BATCH" --workers "$WORKERS" --no-head-only "${@:3}" --out "$DEST/$2" > /dev/null
 }
-read -r FIRST SECOND <<< "$SIZES"
-export -f bench
-export DEV NET STEPS_ WINDOWS BATCH WORKERS FIRST SECOND BACKEND
-run_step "eager training, $FIRST and $SECOND px, ours vs the original loop" 75 \
-  bash -c 'bench "$FIRST" "train_gpu_$FIRST.json" && bench "$SECOND" "train_gpu_$SECOND.json"' 
+probe() {  # probe OPTIMIZER [PROBES]
+  "$PY" benchmarks/probe_gpu_path.py --device "$DEV" --backbone "$NET" --image-size "$FIRST" --batch-size "$BATCH" \
+    $PROBE --optimizers "$1" --probes "${2:-syncs,compile,save}" --out "$DEST/gpu_probe_$1.json"
+}
+export -f environment cuda_tests bench probe
+export PY DEST DEV NET BENCH_STEPS WINDOWS BATCH WORKERS FIRST SECOND BACKEND PROBE ADAMW_PROBES
 
-left=$((TOTAL - (SECONDS - start)))
-if (( left >= 60 )); then
-  run_step "compiled training, $FIRST px" 60 \
-    bash -c 'bench "$FIRST" "train_gpu_${FIRST}_compiled.json" --compile --compile-backend "$BACKEND" --only-ours --warmup 2' 
+run_step "environment" 15 bash -c 'environment | tee "$DEST/gpu_env.txt"'
+run_step "tests/test_cuda.py" 75 bash -c cuda_tests
+run_step "throughput, $FIRST px, ours vs the original loop" 70 bash -c 'bench "$FIRST" "train_gpu_$FIRST.json"'
+run_step "throughput, $SECOND px, ours vs the original loop" 70 bash -c 'bench "$SECOND" "train_gpu_$SECOND.json"'
+run_step "probes with SGD" 80 bash -c 'probe sgd'
+run_step "probes with AdamW" 80 bash -c 'probe adamw "$ADAMW_PROBES"'
+need=$((COMPILE_NEED + 30))
+if (( $(left) >= need )); then
+  run_step "compiled training, $FIRST px" "$(left)" \
+    bash -c 'bench "$FIRST" "train_gpu_${FIRST}_compiled.json" --compile --compile-backend "$BACKEND" --only-ours --warmup 1'
 else
-  STEPS+=("compiled training: skipped (only $left s of the $TOTAL s left, it needs 60)")
-  say "compiled training skipped: only $left s left of $TOTAL"
+  STEPS+=("compiled training, $FIRST px: dropped (only $(left) s left; compiling needs about $COMPILE_NEED s and timing 30)")
+  say "compiled training dropped: only $(left) s left"
 fi
 
 say "summary"
 printf '%s\n' "${STEPS[@]}" > "$DEST/.steps"
-"$PY" - "$DEST" "$FIRST" "$SECOND" <<'EOF'
-import json, sys
+"$PY" - "$DEST" "$FIRST" "$SECOND" "$SMOKE" <<'EOF'
+import json, re, sys
 from pathlib import Path
-d, first, second = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+d, first, second, smoke = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 load = lambda name: json.loads((d / name).read_text()) if (d / name).is_file() else None
 steps = (d / ".steps").read_text().splitlines()
 (d / ".steps").unlink()
-probe, compiled = load("gpu_probe.json") or {}, load(f"train_gpu_{first}_compiled.json")
-summary = {"steps": steps, "compile_used": compiled["ours"]["full"]["compile"] if compiled else False,
-           "syncs_per_step": probe.get("syncs_per_step"), "recompiles": probe.get("recompiles"),
-           "save_share": probe.get("save_share"), "training": {}}
+tests = (d / "gpu_cuda_tests.txt").read_text() if (d / "gpu_cuda_tests.txt").is_file() else ""
+counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tests.splitlines()[-1] if tests else ""))
+summary = {"smoke": smoke, "steps": steps, "cuda_tests": counts, "training": {}, "probes": {}}
 for size in (first, second):
     t = load(f"train_gpu_{size}.json")
     if t:
         o = next(iter(t["original"].values()))["full"]
-        summary["training"][f"{size}px"] = {"ours": t["ours"]["full"]["images_per_s"], "original": o["images_per_s"], "ratio": t["ratio"]}
+        summary["training"][f"{size}px"] = {"ours": t["ours"]["full"]["images_per_s"], "original": o["images_per_s"],
+                                           "ratio": t["ratio"], "precision": t["ours"]["full"]["precision"]}
+for optimizer in ("sgd", "adamw"):
+    p = (load(f"gpu_probe_{optimizer}.json") or {}).get(optimizer)
+    if p:
+        summary["probes"][optimizer] = {k: p.get(k) for k in ("syncs_per_step", "recompiles", "recompiles_within_a_stage",
+                                                              "save_share", "save_seconds", "epoch_seconds")}
+compiled = load(f"train_gpu_{first}_compiled.json")
+summary["compile_used"] = compiled["ours"]["full"]["compile"] if compiled else False
 if compiled:
-    eager = load(f"train_gpu_{first}.json")
-    c = compiled["ours"]["full"]["images_per_s"]
-    summary["training"][f"{first}px_compiled"] = {"ours": c, "ratio": round(c / next(iter(eager["original"].values()))["full"]["images_per_s"], 2) if eager else None}
+    c, eager = compiled["ours"]["full"], load(f"train_gpu_{first}.json")
+    summary["compile_seconds"] = c["warmup_s"]  # the warm-up window: compiling, and a window's steps
+    summary["training"][f"{first}px_compiled"] = {"ours": c["images_per_s"], "eager": eager["ours"]["full"]["images_per_s"] if eager else None}
 (d / "gpu_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print("\n".join(steps))
-print(f"compile used: {summary['compile_used'] or 'no'}")
-print(f"host syncs per training step (outside scheduled checks): {summary['syncs_per_step']}; "
-      f"recompiles across a stage change: {summary['recompiles']}; saving, share of an epoch: {summary['save_share']}")
+print(f"tests/test_cuda.py: {counts or 'not run'}")
 for k, v in summary["training"].items():
-    print(f"full fine-tuning {k}: ours {v['ours']} img/s" + (f" vs original {v['original']} -> x{v['ratio']}" if "original" in v else f" -> x{v['ratio']} the eager run's original loop"))
+    print(f"full fine-tuning {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
+for k, v in summary["probes"].items():
+    print(f"probes, {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
+print(f"compile used: {summary['compile_used'] or 'no'}" + (f" ({summary['compile_seconds']} s to compile and warm up)" if compiled else ""))
 EOF
 failed=$(grep -c "failed" <<< "$(printf '%s\n' "${STEPS[@]}")")
 say "done in $((SECONDS - start)) s; results in $DEST"

@@ -1,28 +1,34 @@
-"""Probes of the GPU path: host syncs per training step, recompiles at a stage change, and what
-saving costs. Writes one JSON file (after each probe, so a time limit keeps what was measured).
+"""Probes of the GPU path, each with SGD and with AdamW: host syncs per training step, recompiles
+at a stage change, and what saving costs. Writes one JSON file (after each probe, so that a time
+limit keeps what was measured).
 
-- `syncs_per_step`: training steps of `cifarlib.train.train_epoch` under
+- `syncs_per_step`: an epoch of `cifarlib.loop.train_epoch` (`--sync-steps` optimizer steps,
+  60 by default, so that the check every 50 steps falls inside it) under
   `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that makes the host
-  wait for the GPU. Warnings raised by the loop's scheduled checks (the epoch's loss, and the
-  check every `CHECK_EVERY_GPU` steps) are counted apart; the goal is 0 for everything else.
-  CUDA only: `null` elsewhere, with the reason.
+  wait for the GPU. Warnings raised by the loop's scheduled checks (`loop.scheduled_check`) and
+  by the epoch's loss (`runtime.sum_over_ranks`) are counted apart; the goal is 0 for everything
+  else. CUDA only: `null` elsewhere, with the reason.
 - `recompiles`: `prepare` + `epochs` of a three-epoch run (1 head-only epoch, 2 of everything),
   `compile=True` with a counting backend that runs the captured graphs as they are
   (`backend="eager"` with a counter): dynamo's guards, and so its recompiles, are those of the
   real backend, at a fraction of the cost. `recompiles` is the number of graphs compiled after
   the first stage's; the goal is at most 1, and none within a stage.
-- `save_share`: the time the loop spends handing an epoch's files to the background saver
-  (the copy to CPU memory), as a share of a full 45,000-image epoch at the training rate measured
-  in the same run (the probe's own epochs are short, so this is a projection from measured
-  parts); the saver's background time is reported beside it.
+- `save_share`: one real epoch of full fine-tuning (`--save-images` images, 45,000 by default:
+  a CIFAR training split; the synthetic set's 3,600, repeated) through `cifarlib.train.epochs`, with the saves that epoch really makes
+  (best.pt, last.pt, history.csv and the curves at its end; a periodic save if one falls due),
+  started when no earlier save is still being written. Reported: the seconds the loop spent
+  handing the files to the background saver (the copy to CPU memory) over the epoch's seconds,
+  and the saver's own background seconds beside it.
 
     python benchmarks/probe_gpu_path.py --device cuda --backbone resnet50 --image-size 224 --batch-size 256
-    python benchmarks/probe_gpu_path.py --device cpu --backbone resnet18 --image-size 32 --batch-size 16 --steps 4
+    python benchmarks/probe_gpu_path.py --device cpu --backbone test_resnet --image-size 32 --batch-size 16 \\
+        --sync-steps 4 --save-images 64 --out /tmp/probe.json
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
@@ -31,43 +37,42 @@ from pathlib import Path
 
 import torch
 
-from cifarlib import checkpoints, runtime, train
+from cifarlib import checkpoints, loop, runtime, train
 from cifarlib.augment import BatchAugment, make_policy
 from cifarlib.config import Stage, make_config
 from cifarlib.data import Split
 from cifarlib.model import GROUPS, build_model, layer_groups
 from cifarlib.preprocess import normalization
+from cifarlib.run import Run, StageRun
 from cifarlib.synthetic import make_images
 
-FULL_EPOCH = 45_000  # images in a CIFAR training split
 
-
-def sync_probe(a, device) -> dict:
+def sync_probe(a, device, optimizer: str) -> dict:
     """Host syncs per training step, by the line of code that caused them."""
     if device.type != "cuda":
         return {"syncs_per_step": None, "reason": "torch.cuda.set_sync_debug_mode needs CUDA; on the CPU, "
                 "tests/test_gpu_path.py runs an epoch on the meta device, where any host read raises"}
+    plan = runtime.resolve_plan(device)
     cfg = make_config("fast", backbone=a.backbone, weights="none", image_size=a.image_size,
-                      batch_size=a.batch_size, device=str(device))
-    model = build_model(a.backbone, 100, "none").to(device, memory_format=runtime.memory_format(device))
+                      batch_size=a.batch_size, device=str(device), optimizer=optimizer)
+    model = build_model(a.backbone, 100, "none").to(device, memory_format=plan.memory_format)
     groups = layer_groups(model)
     stage = Stage("all", 1, GROUPS, (1e-3,) * 6)
-    opt = train.make_optimizer(cfg, train.apply_stage(model, groups, stage), device)
-    sched = train.make_schedule(cfg, opt, stage, 10 * a.steps)
-    labels = torch.arange(a.steps * a.batch_size) % 100
+    opt = train.make_optimizer(cfg, train.apply_stage(model, groups, stage), plan.fused)
+    st = StageRun(0, stage, model, opt, train.make_schedule(cfg, opt, stage, 10 * a.sync_steps), plan.scaler())
+    labels = torch.arange(a.sync_steps * a.batch_size) % 100
     split = Split(make_images(labels, seed=0), labels).to(device)
     mean, std = normalization(a.backbone)
-    run = train.Run(cfg, Path("."), device, None, split, split, model, groups,
-                    BatchAugment(make_policy("original"), a.image_size, mean, std, 100))
-    scaler = train.make_scaler(device)
-    train.runtime.tune_for_fixed_shapes(device)
-    train.train_epoch(run, model, opt, sched, scaler, epoch=0)  # warm-up: allocations, cuDNN's search
+    run = Run(cfg, Path("."), plan, None, split, split, model, groups,
+              BatchAugment(make_policy("original"), a.image_size, mean, std, 100, channels_last=plan.channels_last))
+    plan.tune()
+    train.train_epoch(run, st, epoch=0)  # warm-up: allocations, cuDNN's search
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train.train_epoch(run, model, opt, sched, scaler, epoch=1)
+            train.train_epoch(run, st, epoch=1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sites: dict[str, int] = {}
@@ -77,33 +82,30 @@ def sync_probe(a, device) -> dict:
             sites[key] = sites.get(key, 0) + 1
     scheduled = {k: n for k, n in sites.items() if _is_scheduled(k)}
     other = sum(n for k, n in sites.items() if k not in scheduled)
-    return {"syncs_per_step": round(other / a.steps, 3), "steps": a.steps, "sync_sites": sites,
-            "scheduled_sites": sorted(scheduled)}
+    return {"syncs_per_step": round(other / a.sync_steps, 3), "steps": a.sync_steps, "check_every": plan.check_every,
+            "sync_sites": sites, "scheduled_sites": sorted(scheduled)}
 
 
 def _is_scheduled(site: str) -> bool:
-    """Whether a sync comes from one of the loop's scheduled checks (by its source line)."""
-    import inspect
-    from cifarlib import loop
+    """Whether a sync comes from one of the loop's scheduled checks or the epoch's loss."""
     name, line = site.rsplit(":", 1)
-    if name != Path(loop.__file__).name:
-        return False
-    for fn in (loop.scheduled_check, loop.world_sums):  # the scheduled flags, the epoch's loss
-        lines, start = inspect.getsourcelines(fn)
-        if start <= int(line) < start + len(lines):
-            return True
+    for fn in (loop.scheduled_check, runtime.sum_over_ranks, runtime.all_reduce):
+        if name == Path(inspect.getsourcefile(fn)).name:
+            lines, start = inspect.getsourcelines(fn)
+            if start <= int(line) < start + len(lines):
+                return True
     return False
 
 
-def tiny_run(a, device, root: Path, name: str, epochs: int, **kw):
-    n = max(a.steps * a.batch_size, 2 * a.batch_size)
+def tiny_run(a, device, root: Path, name: str, epochs: int, optimizer: str, images: int, **kw):
     cfg = make_config("cpu", dataset="synthetic", weights="none", backbone=a.backbone, batch_size=a.batch_size,
-                      epochs=epochs, max_train_samples=n, max_eval_samples=a.batch_size, device=str(device),
-                      data_dir=str(root / "data"), checkpoint_dir=str(root / "ckpt"), run_name=name, **kw)
+                      epochs=epochs, max_train_samples=images, max_eval_samples=a.batch_size, device=str(device),
+                      data_dir=str(root / "data"), checkpoint_dir=str(root / "ckpt"), run_name=name,
+                      optimizer=optimizer, overwrite=True, **kw)
     return train.prepare(cfg)
 
 
-def recompile_probe(a, device, root: Path) -> dict:
+def recompile_probe(a, device, root: Path, optimizer: str) -> dict:
     graphs: list[int] = []
 
     def counting(gm, example_inputs):  # the "eager" backend, counted
@@ -113,31 +115,35 @@ def recompile_probe(a, device, root: Path) -> dict:
     old = train.COMPILE_BACKEND
     train.COMPILE_BACKEND = counting
     try:
-        run = tiny_run(a, device, root, "compile", 3, compile=True, image_size=min(a.image_size, 64))
+        run = tiny_run(a, device, root, f"compile-{optimizer}", 3, optimizer, 2 * a.batch_size, compile=True,
+                       image_size=min(a.image_size, 64))
         after = []
         for _ in train.epochs(run):
             after.append(len(graphs))
     finally:
         train.COMPILE_BACKEND = old
-    stages = [r["stage"] for r in run.history]
-    return {"recompiles": after[1] - after[0], "graphs_after_each_epoch": after, "stages": stages,
-            "recompiles_within_a_stage": after[2] - after[1], "backend": "eager (counted)"}
+    return {"recompiles": after[1] - after[0], "graphs_after_each_epoch": after,
+            "stages": [r["stage"] for r in run.history], "recompiles_within_a_stage": after[2] - after[1],
+            "backend": "eager (counted)"}
 
 
-def save_probe(a, device, root: Path) -> dict:
-    run = tiny_run(a, device, root, "save", 2, image_size=a.image_size)
-    rows = list(train.epochs(run))
+def save_probe(a, device, root: Path, optimizer: str) -> dict:
+    """One epoch of full fine-tuning, with its real saves."""
+    stages = [Stage("all", 1, GROUPS, (1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1e-2))]
+    run = tiny_run(a, device, root, f"save-{optimizer}", 1, optimizer, None, stages=stages,
+                   image_size=a.image_size, augmentation="light")
+    run.train = run.train.subset(torch.arange(a.save_images) % len(run.train))  # the synthetic set, repeated
+    checkpoints.SAVER.wait()  # nothing of an earlier run still being written
     t0 = time.perf_counter()
+    row = next(train.epochs(run))
+    epoch_s = time.perf_counter() - t0
+    handing = run.saving_seconds
+    t1 = time.perf_counter()
     checkpoints.SAVER.wait()
-    train_rate = max(r["images_per_s"] for r in rows) if "images_per_s" in rows[0] else None
-    if train_rate is None:  # history without the column: the whole epoch's rate, validation included
-        train_rate = max(len(run.train) / r["seconds"] for r in rows)
-    foreground = run.saving_seconds / len(rows)
-    full_epoch = FULL_EPOCH / train_rate
-    files = sorted(p.name for p in run.dir.iterdir())
-    return {"save_share": round(foreground / full_epoch, 5), "save_seconds_per_epoch": round(foreground, 4),
-            "full_epoch_seconds_projected": round(full_epoch, 2), "training_images_per_s": round(train_rate, 1),
-            "saver_wait_after_last_epoch_s": round(time.perf_counter() - t0, 3), "files": files}
+    return {"save_share": round(handing / epoch_s, 5), "save_seconds": round(handing, 4), "epoch_seconds": round(epoch_s, 2),
+            "epoch_images": len(run.train), "training_images_per_s": row["images_per_s"],
+            "saver_background_s_after_the_epoch": round(time.perf_counter() - t1, 3),
+            "files": sorted(p.name for p in run.dir.iterdir())}
 
 
 def main():
@@ -146,22 +152,28 @@ def main():
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20, help="training steps per probe epoch")
+    p.add_argument("--sync-steps", type=int, default=60, help="training steps of the sync probe's epoch")
+    p.add_argument("--save-images", type=int, default=45_000, help="images in the save probe's epoch")
+    p.add_argument("--optimizers", default="sgd,adamw")
+    p.add_argument("--probes", default="syncs,compile,save", help="which probes to run (all three by default)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    device = torch.device(a.device)
+    device = runtime.pick_device(a.device)
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "backbone": a.backbone, "image_size": a.image_size, "batch_size": a.batch_size,
-              "check_every_gpu": train.CHECK_EVERY_GPU}
+              "plan": runtime.resolve_plan(device).to_dict()}
     out = Path(a.out)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, probe in (("syncs", lambda: sync_probe(a, device)), ("save", lambda: save_probe(a, device, Path(tmp))),
-                            ("compile", lambda: recompile_probe(a, device, Path(tmp)))):
-            t0 = time.perf_counter()
-            result.update(probe())
-            result[f"{name}_probe_seconds"] = round(time.perf_counter() - t0, 1)
-            out.write_text(json.dumps(result, indent=2) + "\n")  # kept if a later probe runs out of time
-            print(f"{name} probe done in {result[f'{name}_probe_seconds']} s", flush=True)
+        for optimizer in a.optimizers.split(","):
+            mine = result.setdefault(optimizer, {})
+            for name, probe in (("syncs", sync_probe), ("compile", recompile_probe), ("save", save_probe)):
+                if name not in a.probes.split(","):
+                    continue
+                t0 = time.perf_counter()
+                mine.update(probe(a, device, optimizer) if name == "syncs" else probe(a, device, Path(tmp), optimizer))
+                mine[f"{name}_probe_seconds"] = round(time.perf_counter() - t0, 1)
+                out.write_text(json.dumps(result, indent=2) + "\n")  # kept if a later probe runs out of time
+                print(f"{optimizer}: {name} probe done in {mine[f'{name}_probe_seconds']} s", flush=True)
     print(json.dumps(result, indent=2))
 
 

@@ -15,20 +15,35 @@ def test_gpu_check_smoke_mode_runs_on_cpu_and_writes_its_results(tmp_path):
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"gpu_env.txt", "gpu_check.log", "gpu_probe.json", "gpu_summary.json", "train_gpu_32.json", "train_gpu_48.json"} <= names
-    assert names <= {"train_gpu_32_compiled.json"} | {"gpu_env.txt", "gpu_check.log", "gpu_probe.json", "gpu_summary.json",
-                                                      "train_gpu_32.json", "train_gpu_48.json"}
-    probe = json.loads((tmp_path / "gpu_probe.json").read_text())
-    assert probe["syncs_per_step"] is None and "needs CUDA" in probe["reason"]  # the same keys as on a GPU
-    assert probe["recompiles"] <= 1 and probe["recompiles_within_a_stage"] == 0  # one graph per stage
-    assert 0 < probe["save_share"] < 1
+    assert names == {"gpu_env.txt", "gpu_cuda_tests.txt", "gpu_check.log", "gpu_probe_sgd.json", "gpu_probe_adamw.json",
+                     "gpu_summary.json", "train_gpu_32.json", "train_gpu_48.json", "train_gpu_32_compiled.json"}, names
+    assert "device plan: cpu, fp32" in (tmp_path / "gpu_env.txt").read_text()
     summary = json.loads((tmp_path / "gpu_summary.json").read_text())
-    assert all(s.endswith(": ok") or "skipped" in s for s in summary["steps"]), summary["steps"]
-    assert summary["compile_used"] == ("eager" if "train_gpu_32_compiled.json" in names else False)
-    train = json.loads((tmp_path / "train_gpu_32.json").read_text())
-    assert set(train["ours"]) == {"full"} and "workers_2" in train["original"] and train["ratio"] > 0
+    assert summary["smoke"] and all(s.endswith(": ok") for s in summary["steps"]), summary["steps"]
+    assert [s.split(":")[0] for s in summary["steps"]] == [
+        "environment", "tests/test_cuda.py", "throughput, 32 px, ours vs the original loop",
+        "throughput, 48 px, ours vs the original loop", "probes with SGD", "probes with AdamW", "compiled training, 32 px"]
+    assert summary["cuda_tests"].get("skipped", 0) > 0 and not summary["cuda_tests"].get("failed")  # no CUDA here
+    for optimizer in ("sgd", "adamw"):
+        probe = summary["probes"][optimizer]
+        assert probe["syncs_per_step"] is None  # the same keys as on a GPU; CUDA only
+        if optimizer == "sgd":  # the smoke run spares AdamW the recompile probe (the same code)
+            assert probe["recompiles"] <= 1 and probe["recompiles_within_a_stage"] == 0  # one graph per stage
+        assert 0 < probe["save_share"] < 1 and probe["epoch_seconds"] > probe["save_seconds"] > 0
+    assert summary["compile_used"] == "eager" and summary["compile_seconds"] > 0
+    assert summary["training"]["32px"]["ratio"] > 0 and summary["training"]["48px"]["precision"] == "fp32"
     log = (tmp_path / "gpu_check.log").read_text()
     assert "compile used:" in log and "done in" in log  # flushed to its end before the script exits
+
+
+def test_gpu_check_drops_the_steps_that_no_longer_fit_its_time(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_TOTAL": "16"}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = json.loads((tmp_path / "gpu_summary.json").read_text())["steps"]
+    assert steps[0] == "environment: ok" and len(steps) == 7, steps
+    assert all("dropped (only" in s for s in steps[1:]), steps
 
 
 def test_runs_table_benchmark_runs(tmp_path):
