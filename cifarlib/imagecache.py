@@ -159,13 +159,15 @@ def _write(path: Path, c: Cache) -> None:
 
 def _compact(images: torch.Tensor, reasons: list[str]) -> torch.Tensor:
     """The rows of `images` whose file decoded (`reasons[i]` empty), in order: moved down in place
-    over the failed ones, so no second copy is made. The result is a view of `images`."""
+    over the failed ones, so no second copy is made. The result is a view of `images`; the rows
+    left over are zeroed (the cache file holds them too)."""
     k = 0
     for i, why in enumerate(reasons):
         if not why:
             if k != i:
                 images[k] = images[i]
             k += 1
+    images[k:].zero_()
     return images[:k]
 
 
