@@ -57,3 +57,11 @@ def test_a_writable_checkpoint_dir_is_made_and_left_clean(tmp_path):
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
     path = checkpoints.prepare_run_dir("run", resume=False, overwrite=False, root=str(tmp_path / "c"))
     assert path == tmp_path / "c" / "run" and path.is_dir() and list(path.iterdir()) == []
+
+
+def test_a_disk_too_full_for_even_an_empty_file_is_the_full_disk_message(tmp_path, monkeypatch):
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoints.tempfile, "mkstemp", no_room)
+    with pytest.raises(UserError, match=f"no space left on the disk while writing {tmp_path / 'last.pt'}"):
+        checkpoints.save({"format": checkpoints.FORMAT}, tmp_path / "last.pt")
