@@ -11,8 +11,9 @@ same; a run with a config and no history yet is simply `unfinished`.
 
 `status` replays the training loop's early-stopping rule (`cifarlib.stopping`) over the
 history's validation losses: `finished` (every stage ran all its epochs), `stopped early` (the
-run is complete, but a stop cut a stage short or ended the run), `unfinished` (anything else, a
-run still training included). `started` is the time `config.json` was written, when the run began.
+run is complete, but a stop cut a stage short or ended the run), `interrupted` (a `last.pt` but
+no finished epoch yet: stopped, or saved periodically, inside its first epoch, and resumable),
+`unfinished` (anything else, a run still training included). `started` is the time `config.json` was written, when the run began.
 """
 
 from __future__ import annotations
@@ -177,8 +178,6 @@ def _history(folder: Path, has_config: bool) -> list[dict[str, Any]]:
     history = read_history(folder)
     if history is None and not has_config:
         raise Fault("history.csv is missing")
-    if history is None and (folder / "last.pt").exists():
-        raise Fault("history.csv is missing though last.pt exists")
     return history or []  # no history beside a config: a run that has not finished an epoch yet
 
 
@@ -210,6 +209,8 @@ def read_run(folder: Path) -> dict[str, Any]:
         row["epochs_planned"] = sum(plan[0])
         if history is not None:
             attempt(_status, row, history, plan)
+    if cfg is not None and history == [] and (folder / "last.pt").exists():
+        row["status"] = "interrupted"  # stopped (or saved) in its first epoch: resume=True goes on from last.pt
     metrics = attempt(_read_json, folder / "metrics.json")
     if metrics is not None:
         attempt(_from_metrics, row, metrics)

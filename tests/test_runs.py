@@ -62,6 +62,7 @@ def zoo(tmp_path_factory) -> Path:
                            metrics={"split": "test", "top1": 0.6, "top5": 0.7, "ece": 0.1})
     (unfinished / "last.pt").write_bytes(b"not read")
     write_run(root, "just-started", [])
+    (write_run(root, "interrupted", []) / "last.pt").write_bytes(b"not read")  # stopped inside its first epoch
     damaged = write_run(root, "damaged", [("head", 2.0, 0.3)])
     (damaged / "config.json").write_text('{"preset": "cpu", ')
     (damaged / "history.csv").write_text("epoch,stage,train_loss,val_loss,val_acc\n1,head,2.5,oops,0.3\n")
@@ -76,10 +77,11 @@ def zoo(tmp_path_factory) -> Path:
 def test_table_columns_and_values(zoo):
     df = runs.table(str(zoo))
     assert list(df.columns) == runs.COLUMNS
-    assert list(df["run"]) == ["stopped", "finished", "unfinished", "damaged", "just-started", "weights-only"]
+    assert list(df["run"]) == ["stopped", "finished", "unfinished", "damaged", "interrupted", "just-started", "weights-only"]
     r = {name: df.set_index("run").loc[name] for name in df["run"]}
-    assert [r[n]["status"] for n in ("finished", "stopped", "unfinished", "just-started")] == [
-        "finished", "stopped early", "unfinished", "unfinished"]
+    assert [r[n]["status"] for n in ("finished", "stopped", "unfinished", "just-started", "interrupted")] == [
+        "finished", "stopped early", "unfinished", "unfinished", "interrupted"]
+    assert (r["interrupted"]["epochs_done"], r["interrupted"]["problem"]) == (0, "")
     assert r["finished"]["started"] == STARTED
     assert (r["finished"]["preset"], r["finished"]["backbone"], r["finished"]["dataset"]) == ("cpu", "resnet18", "synthetic")
     assert [r[n]["weights"] for n in ("finished", "stopped", "unfinished")] == ["my_resnet18.pth", "none", "imagenet"]
@@ -158,12 +160,13 @@ def test_cli_prints_the_table_and_writes_csv(zoo, tmp_path, capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].split() == runs.COLUMNS
-    assert [line.split()[0] for line in lines[1:]] == ["stopped", "finished", "unfinished", "damaged", "just-started", "weights-only"]
+    assert [line.split()[0] for line in lines[1:]] == ["stopped", "finished", "unfinished", "damaged", "interrupted",
+                                                       "just-started", "weights-only"]
     assert {"finished", "2026-01-02", "03:04", "0.5500", "my_resnet18.pth", "60.0"} <= set(lines[2].split())
     assert "nan" not in captured.out.lower() and f"table written to {out}" in captured.err
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == runs.COLUMNS and len(rows) == 6
+    assert list(rows[0]) == runs.COLUMNS and len(rows) == 7
     finished = next(r for r in rows if r["run"] == "finished")
     assert finished["started"] == "2026-01-02 03:04:05" and finished["status"] == "finished"
     assert finished["epochs_done"] == "3" and finished["test_top1"] == "0.54" and finished["images_per_s"] == ""
@@ -215,6 +218,6 @@ def test_notebook_compares_tiny_runs(zoo, tmp_path):
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     text = "".join(o.get("text", "") for o in outputs)
     assert "font-weight: bold" in html and "damaged" in html and "weights-only" not in html
-    assert "no curves (no finished epoch, or an unreadable history) for: damaged, just-started" in text
+    assert "no curves (no finished epoch, or an unreadable history) for: damaged, interrupted, just-started" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "runs.csv", "test_metrics.png"]
