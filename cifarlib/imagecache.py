@@ -33,9 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from . import runtime
+from . import progress
 from .checkpoints import write_atomically
 from .errors import UserError, notice, os_error
 from .preprocess import cifar_like
@@ -82,7 +81,7 @@ def decode(files: list[str], size: int, out: torch.Tensor | None = None) -> tupl
     start = time.perf_counter()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
     try:
-        with tqdm(total=n, unit="img", desc=f"decoding at {size} px", disable=not runtime.is_main_process()) as bar:
+        with progress.bar(total=n, unit="img", desc=f"decoding at {size} px") as bar:
             for done in pool.map(work, range(0, n, step)):
                 bar.update(done)
     finally:

@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import runtime
+from . import progress, runtime
 from .config import Config, Stage
 from .data import Batches
 from .evaluate import logits
@@ -123,8 +122,8 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
     if not isinstance(pos.loss_sum, torch.Tensor):
         pos.loss_sum = torch.tensor(float(pos.loss_sum), device=run.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
-    bar = tqdm(train_loader(run).epoch(pos.epoch, pos.order, pos.step, pos.end), initial=pos.step, total=pos.end,
-               desc=f"epoch {pos.epoch + 1}", leave=False, disable=not runtime.is_main_process())
+    bar = progress.bar(train_loader(run).epoch(pos.epoch, pos.order, pos.step, pos.end), initial=pos.step, total=pos.end,
+                       desc=f"epoch {pos.epoch + 1}", leave=False)
     started, event = time.perf_counter(), "done"
     try:
         for i, (x, y) in enumerate(bar, start=pos.step):

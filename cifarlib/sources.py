@@ -25,8 +25,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
+from . import progress
 from .errors import UserError, disk_full
 
 DOWNLOAD_TIMEOUT_S = 10  # for the name lookup, the connection and each read
@@ -173,7 +173,7 @@ def download(src: Source, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> st
         return f"the download from {src.url} failed ({getattr(e, 'reason', e)})"
     complete = False
     try:
-        with response, open(part, "wb") as f, tqdm(
+        with response, open(part, "wb") as f, progress.bar(
                 total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
                 unit_scale=True, desc=f"downloading {src.tarball}") as bar:
             while True:
