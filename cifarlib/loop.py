@@ -19,8 +19,9 @@ of them may be, in memory only (nothing is saved after the first: saves happen a
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,14 @@ from . import progress, runtime
 from .config import Config, Stage
 from .data import Batches
 from .evaluate import logits
+from .model import GROUPS
 from .run import Position, Run, StageRun
 
 if TYPE_CHECKING:
     from .guard import StopSignals
 
 NO_BAD_STEP = 1 << 62  # first bad batch b is carried as NO_BAD_STEP - b, so that a MAX finds the first
+TRACE_POINTS = 200  # at most about this many points of the trace an epoch (at checks, so every few checks)
 
 
 def apply_stage(model: nn.Module, groups: dict[str, list[str]], stage: Stage) -> list[dict[str, Any]]:
@@ -98,13 +101,32 @@ def train_loader(run: Run) -> Batches:
     return Batches(run.train, run.cfg.batch_size, shuffle=True, drop_last=True, seed=run.cfg.seed)
 
 
-def scheduled_check(first_bad: torch.Tensor, stop: bool, save_due: bool) -> tuple[bool, int | None, bool]:
-    """The loop's one host wait between epoch ends: (stop, first non-finite batch or None, save),
-    agreed by every rank in one all-reduce. `first_bad` is an int64 device tensor, -1 for none."""
+class Check(NamedTuple):
+    stop: bool                # a signal came, on some rank
+    bad_step: int | None      # the first batch whose loss was not finite, on any rank
+    save: bool                # a periodic save is due
+    loss_sum: float           # this rank's running loss sum (for the trace)
+
+
+def scheduled_check(first_bad: torch.Tensor, stop: bool, save_due: bool,
+                    loss_sum: torch.Tensor | None = None) -> Check:
+    """The loop's one host wait between epoch ends, agreed by every rank in one all-reduce.
+    `first_bad` is an int64 device tensor, -1 for none. The running loss is read after the wait,
+    which has drained the queue: that adds a copy of a finished value, not a wait."""
     code = torch.where(first_bad >= 0, NO_BAD_STEP - first_bad, 0)
     flags = torch.stack([code, code.new_tensor(int(stop)), code.new_tensor(int(save_due))])
     bad, stop_, save = runtime.all_reduce(flags, "max").tolist()
-    return stop_ > 0, (NO_BAD_STEP - bad) if bad > 0 else None, save > 0
+    loss = float(loss_sum) if loss_sum is not None else math.nan
+    return Check(stop_ > 0, (NO_BAD_STEP - bad) if bad > 0 else None, save > 0, loss)
+
+
+def _record(run: Run, st: StageRun, pos: Position, loss_sum: float, step: int) -> None:
+    """A point of the trace: the mean loss since its last point, and each group's rate."""
+    last_loss, last_seen, last_step = pos.traced
+    rates = {f"lr_{g}": 0.0 for g in GROUPS} | {f"lr_{g['name']}": g["lr"] for g in st.opt.param_groups}
+    mean = (loss_sum - last_loss) / max(pos.seen - last_seen, 1)
+    run.trace.add(pos.epoch + pos.step / pos.end, st.stage.name, mean, step - last_step, rates)
+    pos.traced = (loss_sum, pos.seen, step)
 
 
 def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None = None, save_due=lambda: False) -> str:
@@ -122,6 +144,8 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
     if not isinstance(pos.loss_sum, torch.Tensor):
         pos.loss_sum = torch.tensor(float(pos.loss_sum), device=run.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
+    steps_here = -(-pos.end // accum)  # optimizer steps in this epoch
+    record_every = plan.check_every * -(-steps_here // (TRACE_POINTS * plan.check_every))
     bar = progress.bar(train_loader(run).epoch(pos.epoch, pos.order, pos.step, pos.end), initial=pos.step, total=pos.end,
                        desc=f"epoch {pos.epoch + 1}", leave=False)
     started, event = time.perf_counter(), "done"
@@ -139,11 +163,12 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
             pos.seen += len(x)
             if not stepping:
                 continue
-            check = -(-(i + 1) // accum) % plan.check_every == 0 or i + 1 == pos.end
+            step = -(-(i + 1) // accum)  # this optimizer step's number in the epoch
+            check = step % plan.check_every == 0 or i + 1 == pos.end
             if check:
-                stopping, bad, save = scheduled_check(first_bad, bool(stop and stop.signum), save_due())
-                if bad is not None:
-                    pos.bad_step = bad
+                c = scheduled_check(first_bad, bool(stop and stop.signum), save_due(), pos.loss_sum)
+                if c.bad_step is not None:
+                    pos.bad_step = c.bad_step
                     opt.zero_grad(set_to_none=True)
                     return "non-finite"
             st.scaler.step(opt)
@@ -152,8 +177,10 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
             if st.sched.last_epoch + 1 < st.sched.total_steps:
                 st.sched.step()
             pos.step = i + 1
-            if check and (stopping or save):
-                event = "stop" if stopping else "save"
+            if check and (step % record_every == 0 or i + 1 == pos.end):
+                _record(run, st, pos, c.loss_sum, step)
+            if check and (c.stop or c.save):
+                event = "stop" if c.stop else "save"
                 break
     finally:
         pos.train_seconds += time.perf_counter() - started

@@ -143,46 +143,71 @@ class ShownFigure(Figure):
 
 
 @_one_at_a_time
-def loss_curves(history: list[dict]):
-    """Two panels over the epochs, stage boundaries marked on both: training and validation loss
-    with validation accuracy; below, each layer group's learning rate at the epoch's end, on a
-    log scale (a frozen group's 0 leaves a gap). Histories from before the per-group columns show
-    their single `lr`.
+def loss_curves(history: list[dict], trace: list[dict] | None = None, soft_targets: bool = False):
+    """Two panels over the epochs, stage boundaries marked on both. Above: the training loss,
+    smoothed, within epochs (the run's trace, recorded at the loop's checks), with the validation
+    loss and accuracy at each epoch's end. Below: each layer group's learning rate on a log scale,
+    within epochs (warm-up, peak and anneal per group, as fastai's `plot_sched` shows them), a
+    frozen group's spans drawn dotted along the bottom. Runs without a trace (from before it)
+    show each epoch's training loss and last rate instead. `soft_targets`: the policy mixes
+    images (Mixup, CutMix), so the training loss is taken against soft targets.
 
     Drawn on a `matplotlib.figure.Figure` without pyplot, whose global state is not
     thread-safe: the background saver draws this while a notebook draws its live curves.
     """
-    h = pd.DataFrame(history)
+    h, t = pd.DataFrame(history), pd.DataFrame(trace or [])
     fig = ShownFigure(figsize=(8, 5.2))
     ax, lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    what = "training loss" + (", smoothed" if len(t) else "") + (" (augmented, soft targets)" if soft_targets else " (augmented)")
+    if len(t):
+        ax.plot(t["x"], t["loss"], "-", lw=1, label=what)
     if len(h):
         h = h.astype({"epoch": int, "train_loss": float, "val_loss": float, "val_acc": float})
-        ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss (augmented, soft targets)")
+        if not len(t):
+            ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label=what)
         ax.plot(h["epoch"], h["val_loss"], "o-", ms=3, label="validation loss")
         acc = ax.twinx()
         acc.plot(h["epoch"], h["val_acc"], "s--", ms=3, color="tab:green", label="validation accuracy")
         acc.set_ylabel("accuracy")
         acc.set_ylim(0, 1)
-        slots = [c for c in h.columns if c.startswith("lr_")] or [c for c in ("lr",) if c in h]
-        for c in slots:
-            rate = h[c].astype(float)
-            lr.plot(h["epoch"], rate.where(rate > 0), "o-", ms=2, lw=1, label=c.removeprefix("lr_"))
-        if slots:
-            lr.set_yscale("log")
-            lr.legend(fontsize=6, ncol=3, loc="lower left")
-        starts = h.index[h["stage"] != h["stage"].shift()]
-        for panel in (ax, lr):  # vlines, not axvline: the panels' lines are the data alone
-            panel.vlines(h.loc[starts, "epoch"] - 0.5, 0, 1, transform=panel.get_xaxis_transform(),
-                         colors="grey", lw=0.8, linestyles=":")
-        for i in starts:
-            ax.text(h.loc[i, "epoch"] - 0.4, 0.98, h.loc[i, "stage"], transform=ax.get_xaxis_transform(), va="top", fontsize=8)
         lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
         ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")
+    _rates(lr, t if len(t) else h, "x" if len(t) else "epoch")
+    stages = t if len(t) else h
+    if len(stages):
+        # where each stage begins: after the previous stage's last point (a trace's x is where a
+        # point's interval ends), or half-way between epochs' points
+        x = stages["x"] if len(t) else stages["epoch"] - 0.5
+        starts = stages.index[stages["stage"] != stages["stage"].shift()]
+        begin = [(float(x[i - 1]) if i > 0 else 0.0) if len(t) else float(x[i]) for i in starts]
+        for panel in (ax, lr):  # vlines, not axvline: the panels' lines are the data alone
+            panel.vlines(begin, 0, 1, transform=panel.get_xaxis_transform(), colors="grey", lw=0.8, linestyles=":")
+        for b, i in zip(begin, starts):
+            ax.text(b + 0.02, 0.98, stages.loc[i, "stage"], transform=ax.get_xaxis_transform(), va="top", fontsize=8)
     ax.set_ylabel("loss")
     lr.set_ylabel("learning rate")
     lr.set_xlabel("epoch")
     fig.tight_layout()
     return fig
+
+
+def _rates(panel, frame: pd.DataFrame, x: str) -> None:
+    """Each group's learning rate on a log scale; where a group is frozen (rate 0), a dotted line
+    in its colour along the bottom of the panel."""
+    slots = [c for c in frame.columns if c.startswith("lr_")] or [c for c in ("lr",) if c in frame]
+    if not slots:
+        return
+    rates = frame[slots].astype(float)
+    floor = rates[rates > 0].min().min() if (rates > 0).any().any() else 1e-8
+    style = "-" if x == "x" else "o-"
+    for k, c in enumerate(slots):
+        line, = panel.plot(frame[x], rates[c].where(rates[c] > 0), style, ms=2, lw=1, label=c.removeprefix("lr_"))
+        frozen = rates[c].where(rates[c] == 0)
+        if frozen.notna().any():  # one row per group below the lowest rate, apart on the log scale
+            panel.plot(frame[x], frozen.where(frozen.isna(), floor / 3 / 1.6 ** k), ":", lw=1.5, color=line.get_color())
+    panel.set_yscale("log")
+    panel.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), title="dotted below:\nfrozen",
+                 title_fontsize=6)
 
 
 class LiveCurves:
@@ -192,10 +217,15 @@ class LiveCurves:
         from IPython.display import display
         self.handle = display(None, display_id=True)
 
-    def __call__(self, history: list[dict]) -> None:
+    def __call__(self, run) -> None:
+        """Draw `run`'s curves (a `cifarlib.run.Run`: its history, its trace and whether its
+        augmentation mixes images)."""
         from IPython.display import Image
+
+        from .augment import mixes
         # rendered by png_bytes, one figure at a time; IPython's own printer for figures would not wait
-        self.handle.update(Image(png_bytes(loss_curves(history))))
+        fig = loss_curves(run.history, run.trace.points, mixes(run.aug.policy))
+        self.handle.update(Image(png_bytes(fig)))
 
 
 def png_bytes(fig, dpi: int = 110) -> bytes:

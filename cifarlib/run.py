@@ -43,6 +43,31 @@ class Position:
     train_seconds: float = 0.0                # time spent in training steps (validation apart)
     seconds: float = 0.0                      # wall time of the epoch so far
     bad_step: int | None = None               # the first batch whose loss was not finite
+    traced: tuple[float, int, int] = (0.0, 0, 0)  # loss sum, images and optimizer steps at the trace's last point
+
+
+@dataclass
+class Trace:
+    """The training loss, smoothed, and each layer group's learning rate, recorded at the loop's
+    scheduled checks (whose host wait they share), for curves within epochs. `points` holds
+    dicts: `x` (epochs, fractional), `stage`, `loss` and `lr_<group>` (0 while frozen). The loss
+    is an exponential moving average per optimizer step (beta 0.98, debiased, as fastai's
+    recorder smooths it) of the mean loss over each interval between recorded checks."""
+    points: list[dict[str, Any]] = field(default_factory=list)
+    ema: float = 0.0     # the moving average, before debiasing
+    steps: int = 0       # optimizer steps averaged into it
+
+    BETA = 0.98
+
+    def add(self, x: float, stage: str, mean_loss: float, steps: int, rates: dict[str, float]) -> None:
+        keep = self.BETA ** steps
+        self.ema = keep * self.ema + (1 - keep) * mean_loss
+        self.steps += steps
+        loss = self.ema / (1 - self.BETA ** self.steps)
+        self.points.append({"x": round(x, 6), "stage": stage, "loss": round(loss, 6), **rates})
+
+    def state(self) -> dict[str, Any]:
+        return {"points": list(self.points), "ema": self.ema, "steps": self.steps}
 
 
 @dataclass
@@ -70,6 +95,7 @@ class Run:
     groups: dict[str, list[str]]
     aug: BatchAugment
     history: list[dict[str, Any]] = field(default_factory=list)  # train._end_epoch
+    trace: Trace = field(default_factory=Trace)                  # loop.train_steps, at its checks
     at: Progress = field(default_factory=Progress)              # train._end_epoch
     best_val_loss: float = math.inf                              # train._end_epoch
     stage: StageRun | None = None         # the stage under way (train._stage)

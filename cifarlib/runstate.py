@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import checkpoints, runtime
+from .augment import mixes
 from .config import to_dict
 from .run import Position, Run, StageRun
 
@@ -27,7 +28,8 @@ def checkpoint_dict(run: Run, model_state: dict, extra: dict[str, Any]) -> dict[
             "fine_to_coarse": None if d.fine_to_coarse is None else d.fine_to_coarse.tolist(),
             "mean": list(run.aug.mean), "std": list(run.aug.std), "image_size": run.aug.size,  # the stage's
             "store_size": run.cfg.store_size,
-            "config": to_dict(run.cfg), "model": model_state, "history": list(run.history), **extra}
+            "config": to_dict(run.cfg), "model": model_state, "history": list(run.history), "trace": run.trace.state(),
+            **extra}
 
 
 def rng_states(run: Run) -> dict[str, Any]:
@@ -56,7 +58,7 @@ def resume_state(run: Run, st: StageRun, pos: Position | None) -> dict[str, Any]
     if pos is not None:
         loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
         state.update(step=pos.step, order=pos.order, loss_sum=loss_sum, seen=int(seen),
-                     train_seconds=pos.train_seconds, seconds=pos.seconds)
+                     train_seconds=pos.train_seconds, seconds=pos.seconds, traced=list(pos.traced))
     return state
 
 
@@ -69,7 +71,7 @@ def submit(run: Run, last: dict[str, Any], best: dict[str, Any] | None, rows: bo
     state = run.model.state_dict()
     last = checkpoints.snapshot(checkpoint_dict(run, state, last))
     best = None if best is None else {k: v for k, v in last.items() if k != "resume"} | best
-    history, folder = last["history"], run.dir
+    history, folder, soft = last["history"], run.dir, mixes(run.aug.policy)
 
     def job() -> None:
         if best is not None:
@@ -77,7 +79,7 @@ def submit(run: Run, last: dict[str, Any], best: dict[str, Any] | None, rows: bo
         checkpoints.save(last, folder / "last.pt")
         if rows:
             checkpoints.write_history(history, folder / "history.csv")
-            save_png(loss_curves(history), folder / "loss_curves.png")
+            save_png(loss_curves(history, last["trace"]["points"], soft), folder / "loss_curves.png")
     checkpoints.SAVER.submit(job)
     run.saving_seconds += time.perf_counter() - t0
     run.last_save = time.monotonic()

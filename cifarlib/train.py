@@ -63,7 +63,7 @@ from .loop import (apply_stage, load_optimizer_state, load_scaler_state, make_op
                    make_schedule, train_epoch, train_loader, train_mode, train_steps, validate)
 from .model import GROUPS, build_model, layer_groups
 from .preprocess import normalization
-from .run import Position, Progress, Run, StageRun
+from .run import Position, Progress, Run, StageRun, Trace
 from .stopping import Patience
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
@@ -154,11 +154,13 @@ def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
     run.model.load_state_dict(saved["model"])
     r = run.saved = saved["resume"]
     run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
+    run.trace = Trace(**saved["trace"]) if "trace" in saved else Trace()
     run.at = Progress(r["next_stage"], r["next_epoch"])
     if r.get("step") is not None:
         lead = runtime.is_main_process()  # the saved sums are the ranks' total
         run.epoch = Position(len(run.history), r["order"], len(train_loader(run)), r["step"],
-                             r["loss_sum"] if lead else 0.0, r["seen"] if lead else 0, r["train_seconds"], r["seconds"])
+                             r["loss_sum"] if lead else 0.0, r["seen"] if lead else 0, r["train_seconds"], r["seconds"],
+                             traced=tuple(r.get("traced", (r["loss_sum"], r["seen"], r["step"] // run.cfg.accum_steps))))
     runstate.restore_rng(run, r["rng"], rank)
 
 

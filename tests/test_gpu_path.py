@@ -37,7 +37,7 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
     run = Run(cfg, Path("."), plan, None, split, split, net, groups,
               BatchAugment(make_policy("original"), 32, (0.5,) * 3, (0.5,) * 3, 10))
     checks = []  # the scheduled checks: the loop's only reads, every 50 optimizer steps and at the epoch's end
-    monkeypatch.setattr(loop, "scheduled_check", lambda *a: checks.append(a) or (False, None, False))
+    monkeypatch.setattr(loop, "scheduled_check", lambda *a: checks.append(a) or loop.Check(False, None, False, 0.0))
     monkeypatch.setattr(runtime, "sum_over_ranks", lambda *values: [0.0] * len(values))
     steps = []
     opt.register_step_post_hook(lambda *a: steps.append(1))

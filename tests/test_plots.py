@@ -2,12 +2,15 @@
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cifarlib.augment import POLICIES
 from cifarlib.data import Split
 from cifarlib.plots import mixing_sample
+from cifarlib.run import Trace
 
 
 def test_the_mixing_preview_pairs_pictures_of_different_classes_on_class_ordered_data():
@@ -68,5 +71,32 @@ def test_the_live_curves_are_drawn_under_that_lock_too(monkeypatch):
         update = updates.append
     monkeypatch.setattr("IPython.display.display", lambda obj, display_id: Handle())
     live = plots.LiveCurves()
-    live(HISTORY)
+    live(SimpleNamespace(history=HISTORY, trace=Trace(), aug=SimpleNamespace(policy=POLICIES["crop"])))
     assert len(drawn) == 1 and [u.data for u in updates] == [b"\x89PNG"]
+
+
+def test_the_curves_show_the_loss_and_each_groups_rate_within_epochs():
+    """From the trace: a head stage (the body frozen, dotted along the bottom) then everything;
+    the rates rise and fall within each stage; 'soft targets' only where the policy mixes."""
+    from cifarlib import plots
+    from cifarlib.model import GROUPS
+    trace, history = Trace(), []
+    for epoch, stage in enumerate(["head", "all"]):
+        for k in range(1, 11):
+            peak = 1e-2 * (1 - abs(k - 3) / 10)
+            rates = {f"lr_{g}": (peak if g == "head" or stage == "all" else 0.0) for g in GROUPS}
+            trace.add(epoch + k / 10, stage, 3.0 - epoch - k / 20, 5, rates)
+        history.append({"epoch": epoch + 1, "stage": stage, "train_loss": 2.5 - epoch, "val_loss": 2.4 - epoch,
+                        "val_acc": 0.3 + epoch / 10, **trace.points[-1]})
+    fig = plots.loss_curves(history, trace.points, soft_targets=False)
+    loss, rates = fig.axes[0], fig.axes[1]
+    xs = loss.get_lines()[0].get_xdata()
+    assert len(xs) == 20 and xs[0] == 0.1 and "soft targets" not in loss.get_lines()[0].get_label()
+    assert rates.get_yscale() == "log"
+    lines = rates.get_lines()
+    frozen = [line for line in lines if line.get_linestyle() == ":"]
+    assert len(lines) == 6 + 5 and len(frozen) == 5  # every group, and the five frozen in the head stage
+    head = next(line for line in lines if line.get_label() == "head").get_ydata()
+    assert max(head[:10]) > head[0] and max(head[:10]) > head[9]  # warm-up, peak and anneal within the stage
+    mixed = plots.loss_curves(history, trace.points, soft_targets=True)
+    assert "soft targets" in mixed.axes[0].get_lines()[0].get_label()
