@@ -248,6 +248,14 @@ def superclass_order(fine_to_coarse) -> list[int]:
     return sorted(range(len(fine_to_coarse)), key=lambda c: (int(fine_to_coarse[c]), c))
 
 
+def class_confusion(cm: torch.Tensor, names: list[str], fine_to_coarse=None):
+    """The class confusion matrix, its classes grouped by superclass where the dataset has
+    superclasses (and its title saying so only then)."""
+    if fine_to_coarse is None:
+        return confusion_heatmap(cm, names, None, "classes")
+    return confusion_heatmap(cm, names, superclass_order(fine_to_coarse), "classes (grouped by superclass)")
+
+
 def confusion_heatmap(cm: torch.Tensor, names: list[str], order: list[int] | None = None, title: str = ""):
     """Row-normalised confusion matrix as a seaborn heatmap, rows and columns in `order`."""
     order = list(range(len(names))) if order is None else order
@@ -335,7 +343,7 @@ def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_acc", 
             for epoch in starts:
                 ax.axvline(epoch - 0.5 + nudge, color=colours[name], ls=":", lw=1.2)
     axes[0].set_ylabel({"val_acc": "validation accuracy", "val_loss": "validation loss"}.get(metric, metric))
-    axes[1].set_ylabel("training loss (augmented, soft targets)")
+    axes[1].set_ylabel("training loss (on augmented images)")  # soft targets too, where a run's policy mixes
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

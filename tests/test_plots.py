@@ -100,3 +100,13 @@ def test_the_curves_show_the_loss_and_each_groups_rate_within_epochs():
     assert max(head[:10]) > head[0] and max(head[:10]) > head[9]  # warm-up, peak and anneal within the stage
     mixed = plots.loss_curves(history, trace.points, soft_targets=True)
     assert "soft targets" in mixed.axes[0].get_lines()[0].get_label()
+
+
+def test_the_confusion_figure_says_grouped_by_superclass_only_where_there_are_superclasses():
+    from cifarlib import plots
+    cm = torch.eye(4, dtype=torch.long) * 5
+    names = ["a", "b", "c", "d"]
+    assert plots.class_confusion(cm, names).axes[0].get_title() == "classes"
+    grouped = plots.class_confusion(cm, names, [1, 0, 1, 0])
+    assert grouped.axes[0].get_title() == "classes (grouped by superclass)"
+    assert [t.get_text() for t in grouped.axes[0].get_xticklabels()] == ["b", "d", "a", "c"]
