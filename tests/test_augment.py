@@ -56,17 +56,17 @@ def test_random_parameters_differ_across_the_samples_of_a_batch():
     assert 0 < p["flip"].eq(-1).sum() < 64 and 0 < p["cutmix"].sum() < 64
 
 
-def test_the_geometric_path_resamples_once_per_batch(monkeypatch):
-    calls = []
+def test_the_geometric_path_resamples_each_image_once(monkeypatch):
+    resampled = []  # images per grid_sample call (the CPU path goes chunk by chunk)
     real = augment.F.grid_sample
-    monkeypatch.setattr(augment.F, "grid_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(augment.F, "grid_sample", lambda x, *a, **k: resampled.append(len(x)) or real(x, *a, **k))
     monkeypatch.setattr(augment.F, "interpolate", lambda *a, **k: pytest.fail("a second resample"))
     images, labels = batch(40)
     a = aug("original", size=128)
     a(images, labels)
-    assert len(calls) == 1
+    assert sum(resampled) == 40
     a(images, labels)
-    assert len(calls) == 2
+    assert sum(resampled) == 80
 
 
 def test_rates_of_flip_grayscale_perspective_and_erasing():
