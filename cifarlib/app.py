@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .explain import overlay
 from .predict import Prediction, Predictor
 from .preprocess import decode, fit
 
@@ -56,10 +57,14 @@ def views(content, size: int) -> tuple[Image.Image, torch.Tensor]:
 
 
 class UploadApp:
-    """`UploadApp(predictor).widget` is the app; `show_file(name, content)` renders one file."""
+    """`UploadApp(predictor).widget` is the app; `show_file(name, content)` renders one file.
 
-    def __init__(self, predictor: Predictor, top_k: int = 5):
-        self.predictor, self.top_k = predictor, top_k
+    With `explain` (the default), each result also shows where the model looked: the Grad-CAM map
+    of the top class over the image the model sees, from the same forward pass as the prediction
+    (`Predictor.predict_and_explain`)."""
+
+    def __init__(self, predictor: Predictor, top_k: int = 5, explain: bool = True):
+        self.predictor, self.top_k, self.explain = predictor, top_k, explain
         self.size = predictor.store_size  # the size its images were stored at (32 for CIFAR)
         self.upload = widgets.FileUpload(accept=ACCEPT, multiple=True, description="Pictures")
         self.results = widgets.VBox()
@@ -86,10 +91,13 @@ class UploadApp:
         except Exception as e:  # never let one file break the app; say what happened
             return self._message(title, f"could not be read ({type(e).__name__}: {e})")
         superclass = f"; superclass <b>{html.escape(p.superclass)}</b>" if p.superclass else ""
+        shown = (f"your picture, the {self.size} px image the model sees, and where it looked for "
+                 f"{html.escape(p.top[0][0])} (Grad-CAM: red counted most)" if self.explain else
+                 f"your picture, and the {self.size} px image the model sees")
         caption = widgets.HTML(f"{title}: <b>{html.escape(p.top[0][0])}</b> ({p.top[0][1]:.1%}){superclass}"
-                               f"<br><small>your picture, and the {self.size} px image the model sees</small>")
+                               f"<br><small>{shown}</small>")
         chart = widgets.HTML(bars(p), layout=widgets.Layout(margin="0 0 0 2em"))
-        box = widgets.HBox([widgets.VBox([caption, previews], layout=widgets.Layout(width="30em")), chart],
+        box = widgets.HBox([widgets.VBox([caption, previews], layout=widgets.Layout(width="440px", min_width="440px")), chart],
                            layout=widgets.Layout(margin="0.5em 0"))
         return box.add_class("cifar-result")
 
@@ -99,10 +107,17 @@ class UploadApp:
             raise UserError(f"the file is {size / 1e6:.1f} MB, above the limit of {MAX_BYTES / 1e6:.0f} MB; "
                             "save the picture smaller (the model sees it at a few dozen pixels anyway).")
         shown, seen = views(content, self.size)
-        p = self.predictor.predict(seen.permute(1, 2, 0).numpy(), top_k=self.top_k)
-        big = (self.size * max(1, 128 // self.size),) * 2
-        return p, widgets.HBox([widgets.Image(value=_png(shown), format="png"),
-                                widgets.Image(value=_png(to_pil(seen).resize(big, Image.NEAREST)), format="png")])
+        picture = seen.permute(1, 2, 0).numpy()
+        big = self.size * max(1, 128 // self.size)
+        images = [shown, to_pil(seen).resize((big, big), Image.NEAREST)]
+        if self.explain:
+            p, heat = self.predictor.predict_and_explain(picture, top_k=self.top_k)
+            images.append(overlay(seen, heat, big))
+        else:
+            p = self.predictor.predict(picture, top_k=self.top_k)
+        tags = ("picture", "seen", "looked")
+        return p, widgets.HBox([widgets.Image(value=_png(im), format="png", layout=widgets.Layout(margin="0 4px 0 0"))
+                                .add_class(f"cifar-{tag}") for im, tag in zip(images, tags)])
 
     @staticmethod
     def _message(title: str, text: str) -> widgets.HTML:

@@ -18,6 +18,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import runtime
@@ -65,6 +66,41 @@ class Predictor:
         out = [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
                           self.superclasses[self.fine_to_coarse[ix[0]]] if self.superclasses else None)
                for v, ix in zip(values, idx)]
+        return out[0] if single else out
+
+    def _pictures(self, images, top_k: int = 1) -> tuple[bool, torch.Tensor]:
+        """(whether one picture was given, the uint8 batch at the stored size on the device)."""
+        if top_k < 1:
+            raise UserError(f"top_k must be at least 1, not {top_k}.")
+        single = not isinstance(images, (list, tuple))
+        if not single and not images:
+            raise UserError("no pictures given.")
+        pictures = [images] if single else images
+        return single, torch.stack([cifar_like(im, self.store_size) for im in pictures]).to(self.device)
+
+    def _top(self, probs: torch.Tensor, top_k: int) -> list[Prediction]:
+        values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
+        return [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
+                           self.superclasses[self.fine_to_coarse[ix[0]]] if self.superclasses else None)
+                for v, ix in zip(values, idx)]
+
+    def explain(self, images, class_index: int | list[int] | None = None):
+        """Where the model looked (Grad-CAM, `cifarlib.explain`): one picture, as `predict` takes it,
+        -> a float32 array (store_size, store_size) in [0, 1], for `class_index` (by default the
+        top class); a list -> a list."""
+        single, batch = self._pictures(images)
+        from .explain import gradcam
+        _, maps = gradcam(self.model, batch, self.size, self.mean, self.std, class_index)
+        out = list(maps.cpu().numpy().astype(np.float32))
+        return out[0] if single else out
+
+    def predict_and_explain(self, images, top_k: int = 5):
+        """`predict` and `explain` (for the top class) from one forward pass: a (Prediction, map)
+        pair per picture; a list of pictures gives a list of pairs."""
+        single, batch = self._pictures(images, top_k)
+        from .explain import gradcam
+        scores, maps = gradcam(self.model, batch, self.size, self.mean, self.std)
+        out = list(zip(self._top(scores.softmax(1).cpu(), top_k), maps.cpu().numpy().astype(np.float32)))
         return out[0] if single else out
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,9 +120,14 @@ def stop(proc: subprocess.Popen, port: int) -> None:
 @pytest.fixture(scope="module")
 def server(trained_checkpoint, tmp_path_factory):
     """`python -m cifarlib.serve`, as `make app` runs it, on a free port; always stopped after the module."""
-    tmp = tmp_path_factory.mktemp("app")
+    with serving(trained_checkpoint, tmp_path_factory.mktemp("app")) as s:
+        yield s
+
+
+@contextmanager
+def serving(checkpoint: Path, tmp: Path):
     port, log = free_port(), tmp / "server.log"
-    cmd = [sys.executable, "-m", "cifarlib.serve", "--checkpoint", str(trained_checkpoint), "--port", str(port),
+    cmd = [sys.executable, "-m", "cifarlib.serve", "--checkpoint", str(checkpoint), "--port", str(port),
            "--prepared", str(tmp / "05_inference_widget.ipynb")]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -179,6 +185,12 @@ def console_problem(msg) -> str | None:
 @pytest.fixture
 def app(browser, server):
     """A fresh page (and kernel) of the app, ready for uploads; checked for faults afterwards."""
+    with open_app(browser, server) as page:
+        yield page
+
+
+@contextmanager
+def open_app(browser, server: Server):
     context = browser.new_context(viewport={"width": 1000, "height": 720})
     page = context.new_page()
     app, log_from = AppPage(page), len(server.log_text())
@@ -223,7 +235,8 @@ def chart_rows(block) -> list[tuple[str, float]]:
 
 def assert_predicted(block, path: Path, predictor: Predictor) -> None:
     """The page shows what cifarlib.predict says of the same file: its top class first, then the
-    other classes with their probabilities (to the 0.1% shown), and both pictures."""
+    other classes with their probabilities (to the 0.1% shown), and three pictures: the file, the
+    image the model sees, and where it looked."""
     expected = predictor.predict(path, top_k=len(predictor.classes)).top
     probs = dict(expected)
     rows = chart_rows(block)
@@ -232,9 +245,11 @@ def assert_predicted(block, path: Path, predictor: Predictor) -> None:
     assert [pct for _, pct in rows] == sorted((pct for _, pct in rows), reverse=True)
     caption = block.inner_text()
     assert f"{path.name}: {expected[0][0]} ({expected[0][1]:.1%})" in caption and "superclass" in caption
-    assert "the 32 px image the model sees" in caption
+    assert "the 32 px image the model sees" in caption and f"where it looked for {expected[0][0]}" in caption
     sizes = block.locator("img").evaluate_all("imgs => imgs.map(i => [i.complete, i.naturalWidth])")
-    assert len(sizes) == 2 and all(done and width > 0 for done, width in sizes), sizes
+    assert len(sizes) == 3 and all(done and width > 0 for done, width in sizes), sizes
+    looked = block.locator("img.cifar-looked")  # the Grad-CAM view, beside the image the model sees
+    assert looked.count() == 1 and looked.evaluate("i => i.naturalWidth") == 128
 
 
 def test_a_photo_is_predicted_as_cifarlib_predict_does(app, pictures, predictor):
@@ -255,11 +270,53 @@ def test_two_files_at_once_both_get_predictions(app, pictures, predictor):
     blocks = app.upload(pictures["photo"], pictures["made"])
     for block, path in zip(blocks, (pictures["photo"], pictures["made"])):
         assert_predicted(block, path, predictor)
-    # Voilà's page scrolls inside a panel, which full_page does not see: make the window fit it
-    height = app.page.evaluate("Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
-    app.page.set_viewport_size({"width": 1000, "height": min(height, 2000)})
+    screenshot(app.page)
+
+
+def screenshot(page) -> None:
+    """runs/app.png, the whole of the page. Voilà's page scrolls inside a panel, which
+    full_page does not see: make the window fit it."""
+    height = page.evaluate("Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
+    page.set_viewport_size({"width": 1000, "height": min(height, 2000)})
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    app.page.screenshot(path=str(SCREENSHOT))
+    page.screenshot(path=str(SCREENSHOT))
+
+
+REAL_CHECKPOINT = os.environ.get("APP_SCREENSHOT_CHECKPOINT", "")
+
+
+def validation_photos(checkpoint: Path, folder: Path) -> list[Path]:
+    """Pictures from the checkpoint's own validation split, as PNG files of the pixels it was
+    stored at: its three most confident right answers of three classes, then its most confident
+    mistake, each file named by its true class."""
+    from cifarlib.evaluate import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(checkpoint, split="val", device="cpu")
+    conf, pred = ev.probs.max(1)
+    names, picks = ev.checkpoint["classes"], []
+    for i in conf.argsort(descending=True).tolist():
+        if pred[i] == ev.labels[i] and len(picks) < 3 and all(ev.labels[j] != ev.labels[i] for j in picks):
+            picks.append(i)
+    picks.append(next(i for i in conf.argsort(descending=True).tolist() if pred[i] != ev.labels[i]))
+    print(f"{checkpoint}: validation top-1 {ev.metrics['top1']:.2%} on {ev.metrics['samples']} pictures")
+    files = []
+    for k, i in enumerate(picks):
+        files.append(folder / f"{names[ev.labels[i]]}-{k + 1}.png")
+        Image.fromarray(ev.split.images[i].permute(1, 2, 0).numpy()).save(files[-1])
+    return files
+
+
+@pytest.mark.skipif(not REAL_CHECKPOINT, reason="set APP_SCREENSHOT_CHECKPOINT to a checkpoint (make app-screenshot)")
+def test_screenshot_of_a_model_trained_on_real_photos(browser, tmp_path):
+    """docs/app.png (`make app-screenshot CHECKPOINT=...`): the app serving a checkpoint trained on
+    real photos, shown photos from its own validation split, some it gets right and one it gets wrong."""
+    checkpoint = Path(REAL_CHECKPOINT).resolve()
+    files = validation_photos(checkpoint, tmp_path)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    with serving(checkpoint, tmp_path) as server, open_app(browser, server) as app:
+        for block, path in zip(app.upload(*files), files):
+            assert_predicted(block, path, predictor)
+        screenshot(app.page)
 
 
 def test_a_21_mb_file_gets_a_message_and_the_picture_beside_it_a_prediction(app, pictures, predictor):

@@ -147,7 +147,7 @@ def test_pil_syntax_errors_for_broken_pngs_are_clear_errors(predictor, picture, 
 
 def test_widget_survives_unexpected_errors_and_always_clears_the_upload(predictor, picture, monkeypatch):
     app = upload_app()(predictor)
-    monkeypatch.setattr(predictor, "predict", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(predictor, "predict_and_explain", lambda *a, **k: 1 / 0)
     app.upload.value = upload(("odd.png", png_bytes(picture)))
     (msg,) = app.results.children
     assert "odd.png" in msg.value and "ZeroDivisionError" in msg.value and app.upload.value == ()
@@ -185,8 +185,27 @@ def test_widget_decodes_each_picture_once_and_its_thumbnail_is_sharp(predictor, 
     real_open = preprocess.Image.open  # the PIL module: every decode of the app starts here
     monkeypatch.setattr(preprocess.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
     app.upload.value = upload(("photo.jpg", data))
+    decodes = len(opened)
     (good,) = app.results.children
     shown, seen = good.children[0].children[1].children[:2]
     assert Image.open(io.BytesIO(shown.value)).size == thumb
     assert Image.open(io.BytesIO(seen.value)).size == (128, 128)  # 32 px, enlarged 4x
-    assert "cifar-result" in good._dom_classes and len(opened) == 1
+    assert "cifar-result" in good._dom_classes and decodes == 1
+
+
+def test_widget_shows_where_the_model_looked_from_the_same_forward_pass(predictor, picture, monkeypatch):
+    """Beside the image the model sees, the map of the top class; one forward pass, not a second one."""
+    import ipywidgets as widgets
+    calls = []
+    real = predictor.model.forward
+    monkeypatch.setattr(predictor.model, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    box = upload_app()(predictor, top_k=3).show_file("cat.png", png_bytes(picture))
+    caption, previews = box.children[0].children
+    views = [w for w in previews.children if isinstance(w, widgets.Image)]
+    assert [w._dom_classes for w in views] == [("cifar-picture",), ("cifar-seen",), ("cifar-looked",)]
+    top = predictor.predict(picture).top[0][0]
+    assert f"where it looked for {html.escape(top)}" in caption.value and len(calls) == 1 + 1  # + predict's here
+    looked = Image.open(io.BytesIO(views[2].value))
+    assert looked.size == (128, 128)
+    plain = upload_app()(predictor, explain=False).show_file("cat.png", png_bytes(picture))
+    assert len(plain.children[0].children[1].children) == 2 and "where it looked" not in plain.children[0].children[0].value
