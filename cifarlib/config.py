@@ -74,8 +74,9 @@ class Stage:
     lr: tuple[float, ...]         # peak learning rate of each group, in the same order
     warmup: float = 0.3           # share of the stage spent rising to the peak (OneCycle pct_start)
     anneal: str = "cos"           # "cos" or "linear"
-    epochs: int = 0               # set by scaling to the run's total
+    epochs: int = 0               # set by scaling to the run's total (with `steps`: its validations)
     image_size: int = 0           # this stage's input size, capped by the run's (0: the run's)
+    steps: int = 0                # its length in optimizer steps, which may end inside an epoch (0: whole epochs)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class Config:
     fused: bool | str = "auto"    # fused optimizer kernels: "auto" (on CUDA), True or False
     channels_last: bool | str = "auto"  # NHWC memory layout: "auto" (CUDA and CPU), True or False
     check_every: int = 0          # optimizer steps between the loop's checks (0: 1 on the CPU, 50 on a GPU)
+    budget_minutes: float = 0     # plan the stages' lengths to end the whole run in this time (0: off; leave epochs unset)
+    lr_scale: float = 1.0         # multiplies every stage's learning rates (the preset's ratios kept)
     stages: tuple[Stage, ...] = field(default=())
     plan: dict[str, Any] | None = None  # recorded by training, not set: the resolved device plan
     given: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the settings given (not stored)
@@ -190,9 +193,9 @@ def _check_stages(stages: tuple[Stage, ...]) -> None:
         if len(st.lr) != len(st.groups):
             raise UserError(f"stage {st.name!r} has {len(st.lr)} learning rate(s) for {len(st.groups)} "
                             f"group(s) ({', '.join(st.groups)}); give one per group.")
-        if not 0 <= st.warmup < 1 or st.anneal not in ("cos", "linear") or st.share <= 0 or st.image_size < 0:
+        if not 0 <= st.warmup < 1 or st.anneal not in ("cos", "linear") or st.share <= 0 or st.image_size < 0 or st.steps < 0:
             raise UserError(f"stage {st.name!r}: warmup must be in [0, 1), anneal 'cos' or 'linear', share > 0, "
-                            "image_size 0 (the run's) or more.")
+                            "image_size 0 (the run's) or more, steps 0 (whole epochs) or more.")
 
 
 def make_config(preset: str = "original", **overrides) -> Config:
@@ -226,6 +229,13 @@ def make_config(preset: str = "original", **overrides) -> Config:
     if values.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise UserError(f"optimizer must be 'sgd' or 'adamw', not {values['optimizer']!r}.")
     _check_plan_settings(values)
+    if values.get("budget_minutes", 0) < 0 or values.get("lr_scale", 1.0) <= 0:
+        raise UserError(f"budget_minutes must be 0 (off) or more, and lr_scale above 0; got "
+                        f"budget_minutes={values.get('budget_minutes', 0)!r}, lr_scale={values.get('lr_scale', 1.0)!r}.")
+    if values.get("budget_minutes", 0) > 0 and "epochs" in given:
+        raise UserError(f"budget_minutes={values['budget_minutes']:g} plans the stages' lengths itself, so epochs must be "
+                        f"left unset (it is {values['epochs']!r}). Drop epochs, or set budget_minutes=0 to train for "
+                        "a number of epochs.")
     stages = values.pop("stages")
     if isinstance(stages, str):  # from the command line: stages='[{"name": "all", "share": 1, ...}]'
         try:
@@ -236,8 +246,9 @@ def make_config(preset: str = "original", **overrides) -> Config:
         stages = tuple(Stage(**s) if isinstance(s, dict) else s for s in stages)
     except TypeError as e:
         raise UserError(f"a stage has an unknown or missing field ({e}); a stage has name, share, groups, lr "
-                        "and optionally warmup, anneal, image_size.") from None
-    stages = tuple(dataclasses.replace(st, groups=tuple(st.groups), lr=tuple(st.lr)) for st in stages)
+                        "and optionally warmup, anneal, image_size, steps.") from None
+    scale = values.get("lr_scale", 1.0)
+    stages = tuple(dataclasses.replace(st, groups=tuple(st.groups), lr=tuple(lr * scale for lr in st.lr)) for st in stages)
     _check_stages(stages)
     cfg = Config(preset=preset, given=given, **values)
     epochs = scale_epochs([s.share for s in stages], cfg.epochs)
@@ -272,6 +283,17 @@ def resumed(saved: dict[str, Any], cfg: Config) -> Config:
                         "(another run_name, or overwrite=True) to train with them.")
     keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in cfg.given}
     return dataclasses.replace(run, run_name=cfg.run_name, resume=True, given=cfg.given, **keep)  # the folder may be renamed
+
+
+def stage_steps(stage: Stage, steps_per_epoch: int) -> int:
+    """A stage's length in optimizer steps: its own `steps`, or its epochs'."""
+    return stage.steps or stage.epochs * steps_per_epoch
+
+
+def stage_rows(stage: Stage, steps_per_epoch: int) -> int:
+    """How many history rows (validations) a stage writes: one at every epoch boundary inside it
+    and one at its end."""
+    return -(-stage_steps(stage, steps_per_epoch) // steps_per_epoch)
 
 
 def stage_image_size(cfg: Config, stage: Stage) -> int:

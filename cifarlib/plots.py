@@ -210,6 +210,28 @@ def _rates(panel, frame: pd.DataFrame, x: str) -> None:
                  title_fontsize=6)
 
 
+@_one_at_a_time
+def lr_finder(curve):
+    """The learning-rate range test (`cifarlib.trial.find_lr`): the smoothed loss against the rate
+    of the stage's last group (the others move in proportion), on a log axis, with the suggestion
+    (steepest descent) and the minimum / 10 marked."""
+    fig = ShownFigure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    group, peak = curve.groups[-1], curve.peaks[-1]
+    ax.plot([s * peak for s in curve.scales], curve.losses, "-", lw=1.2)
+    for scale, style, label in ((curve.steepest, "-", "steepest descent (suggested)"),
+                                (curve.minimum_tenth, ":", "minimum / 10")):
+        ax.axvline(scale * peak, color="tab:red", ls=style, lw=1, label=f"{label}: {scale * peak:.2g} (lr_scale={scale:.3g})")
+    ax.axvline(peak, color="grey", ls="--", lw=0.8, label=f"the preset's peak: {peak:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"learning rate of {group} (the stage's other groups in proportion)")
+    ax.set_ylabel("training loss, smoothed")
+    ax.set_title(f"learning-rate finder, stage {curve.stage!r}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 class LiveCurves:
     """In a notebook: one loss-curve figure, redrawn in place after every epoch."""
 

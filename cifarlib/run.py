@@ -105,6 +105,7 @@ class Run:
     saving_seconds: float = 0.0           # time the loop spent handing its files to the saver
     last_save: float = field(default_factory=time.monotonic)
     memory_checked: bool = False
+    started: float = field(default_factory=time.monotonic)  # the run's clock (monotonic), less time spent before a resume
 
     @property
     def device(self) -> torch.device:

@@ -37,9 +37,10 @@ from .errors import UserError, cli_errors
 COLUMNS = ["run", "started", "status", "preset", "backbone", "weights", "dataset", "image_size", "batch_size",
            "precision", "epochs_done", "epochs_planned", "best_val_acc", "best_val_acc_epoch", "best_val_loss",
            "best_val_loss_epoch", "metrics_split", "test_top1", "test_top5", "ece", "wall_s", "images_per_s",
-           "problem"]
+           "budget_min", "planned_min", "actual_min", "problem"]
 INTS = ["image_size", "batch_size", "epochs_done", "epochs_planned", "best_val_acc_epoch", "best_val_loss_epoch"]
-FLOATS = ["best_val_acc", "best_val_loss", "test_top1", "test_top5", "ece", "wall_s", "images_per_s"]
+FLOATS = ["best_val_acc", "best_val_loss", "test_top1", "test_top5", "ece", "wall_s", "images_per_s", "budget_min",
+          "planned_min", "actual_min"]
 HIGHER_IS_BETTER = ["best_val_acc", "test_top1", "test_top5"]
 LOWER_IS_BETTER = ["best_val_loss", "ece"]
 RUN_FILES = ("config.json", "history.csv", "best.pt", "last.pt")
@@ -136,6 +137,10 @@ def _from_config(row: dict[str, Any], cfg: dict[str, Any]) -> None:
                dataset=_text(cfg.get("dataset")), image_size=_int(cfg.get("image_size")),
                batch_size=_int(cfg.get("batch_size")),
                precision=_text(cfg["plan"].get("precision")) if isinstance(cfg.get("plan"), dict) else None)
+    budget = cfg["plan"].get("budget") if isinstance(cfg.get("plan"), dict) else None
+    if isinstance(budget, dict):  # a run planned to a time: what it was given, planned and took
+        row.update(budget_min=_number(budget.get("budget_minutes")), planned_min=_number(budget.get("predicted_minutes")),
+                   actual_min=_number(budget.get("actual_minutes")))
 
 
 def _from_history(row: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -276,7 +281,8 @@ def histories(df: pd.DataFrame, checkpoint_dir: str = "checkpoints") -> dict[str
 
 
 FORMATS = {**{c: "{:.4f}" for c in ("best_val_acc", "best_val_loss", "test_top1", "test_top5", "ece")},
-           "wall_s": "{:.1f}", "images_per_s": "{:.1f}", "started": "{:%Y-%m-%d %H:%M}"}
+           "wall_s": "{:.1f}", "images_per_s": "{:.1f}", "started": "{:%Y-%m-%d %H:%M}",
+           **{c: "{:.1f}" for c in ("budget_min", "planned_min", "actual_min")}}
 
 
 def highlight(df: pd.DataFrame, metric: str = "val_acc"):

@@ -54,7 +54,7 @@ def resume_state(run: Run, st: StageRun, pos: Position | None) -> dict[str, Any]
     state = {"stage": st.index, "next_stage": run.at.stage, "next_epoch": run.at.epoch,
              "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "scaler": st.scaler.state_dict(),
              "stage_best": st.patience.best, "bad_epochs": st.patience.bad, "best_val_loss": run.best_val_loss,
-             "rng": rng_states(run)}
+             "rng": rng_states(run), "spent_s": time.monotonic() - run.started}
     if pos is not None:
         loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
         state.update(step=pos.step, order=pos.order, loss_sum=loss_sum, seen=int(seen),

@@ -54,9 +54,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import checkpoints, guard, runstate, runtime
+from . import budget, checkpoints, guard, runstate, runtime, trial
 from .augment import BatchAugment, make_policy
-from .config import PRESETS, Config, make_config, parse_value, resumed, stage_image_size, to_dict
+from .config import (PRESETS, Config, make_config, parse_value, resumed, stage_image_size, stage_rows,
+                     stage_steps, to_dict)
 from .data import Split, load_cifar
 from .errors import UserError, cli_errors
 from .loop import (apply_stage, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
@@ -65,6 +66,7 @@ from .model import GROUPS, build_model, layer_groups
 from .preprocess import normalization
 from .run import Position, Progress, Run, StageRun, Trace
 from .stopping import Patience
+from .trial import find_lr  # noqa: F401  (train.find_lr(run, stage=None))
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
 
@@ -83,15 +85,21 @@ def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) 
 
 # --- before training -----------------------------------------------------------------------------
 
-def prepare(cfg: Config) -> Run:
-    """Resolve the device plan, load data and model, make or reopen the run folder, and restore
-    the state to resume. Every setting is checked, and the plan resolved, before any data loads."""
+def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> Run:
+    """Resolve the device plan, load data and model, make or reopen the run folder, restore the
+    state to resume, and plan a budgeted run. Every setting is checked, and the device plan
+    resolved, before any data loads. `started`: when the run's clock started (`time.monotonic()`;
+    default now), which a budget counts from. `folder=False` makes no run folder and writes
+    nothing (the learning-rate finder's run)."""
+    started = time.monotonic() if started is None else started
     rank, world = runtime.setup_distributed(cfg.device)
     checkpoints.SAVER.wait()  # a save of this process still being written (a notebook's last run)
     cfg, saved = _config(cfg)
     plan = runtime.resolve_plan(cfg.device, cfg.precision, cfg.fused, cfg.channels_last, cfg.check_every)
-    cfg = replace(cfg, plan=plan.to_dict())
-    checkpoints.check_writable(cfg.checkpoint_dir)  # on every rank: none may wait for one that failed
+    budget_plan = (cfg.plan or {}).get("budget") if saved else None  # a resumed run keeps its plan
+    cfg = replace(cfg, plan={**plan.to_dict(), **({"budget": budget_plan} if budget_plan else {})})
+    if folder:
+        checkpoints.check_writable(cfg.checkpoint_dir)  # on every rank: none may wait for one that failed
     torch.manual_seed(cfg.seed)
     data = load_cifar(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
@@ -102,19 +110,59 @@ def prepare(cfg: Config) -> Run:
                         f"  the run's:  {', '.join(saved['classes'])}\n  the data's: {', '.join(data.classes)}")
     model = build_model(cfg.backbone, num_classes=data.num_classes, weights="none" if saved else cfg.weights,
                         head_init=cfg.head_init)
-    path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
+    path = None
+    if folder or cfg.resume:
+        path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
     model.to(plan.device, memory_format=plan.memory_format)
     mean, std = normalization(cfg.backbone)
     aug = BatchAugment(make_policy(cfg.augmentation), cfg.image_size, mean, std, data.num_classes,
                        seed=cfg.seed + rank, channels_last=plan.channels_last)
     run = Run(cfg, path, plan, data, _shard(data.train, rank, world, "training", equal=True),
-              _shard(data.val, rank, world, "validation"), model, layer_groups(model), aug)
+              _shard(data.val, rank, world, "validation"), model, layer_groups(model), aug, started=started)
+    if runtime.is_main_process() and folder:
+        print(plan.describe(), flush=True)
     if saved:
         _restore(run, saved, rank)
-    if runtime.is_main_process():
-        _record_config(cfg, path / "config.json", resumed=saved is not None)
-        print(plan.describe(), flush=True)
+    elif cfg.budget_minutes and folder:
+        run.cfg = _plan_budget(run)
+    run.cfg = replace(run.cfg, stages=tuple(replace(st, epochs=stage_rows(st, steps_per_epoch(run))) if st.steps else st
+                                            for st in run.cfg.stages))  # a stage in steps validates this often
+    if runtime.is_main_process() and folder:
+        _record_config(run.cfg, path / "config.json", resumed=saved is not None)
     return run
+
+
+def _plan_budget(run: Run):
+    """A budgeted run's stages, planned from its measured speed (`cifarlib.trial.probe`) to end
+    near its budget, counted from `run.started`; printed, with the stages JSON that reproduces
+    it. Rank 0 plans, and every rank takes its plan."""
+    cfg, spe = run.cfg, steps_per_epoch(run)
+    costs = trial.probe(run)
+    save_s = trial.save_seconds(run)
+    outcome: Any = None
+    if runtime.is_main_process():
+        spent = time.monotonic() - run.started
+        try:
+            outcome = budget.make_plan(costs, spe, cfg.budget_minutes * 60, spent, save_s)
+        except budget.TooSmall as e:
+            outcome = (f"budget_minutes={cfg.budget_minutes:g} is too small for this run: loading the data and the "
+                       f"model and timing the stages took {spent:.0f} s, and the shortest run (one step of each stage, "
+                       f"with its validation and saves) needs more than is left. The smallest budget that would work "
+                       f"is budget_minutes={budget.minutes(e.minimum_s)}; or train for a number of epochs instead "
+                       "(budget_minutes=0).")
+    outcome = runtime.broadcast_object(outcome)
+    if isinstance(outcome, str):
+        raise UserError(outcome)
+    if runtime.is_main_process():
+        print(budget.describe(outcome), flush=True)
+        print(f"the same stages without a budget: budget_minutes=0 stages='{budget.reproduce(cfg.stages, outcome)}'"
+              + (f" (their rates include lr_scale={cfg.lr_scale:g}: leave it out)" if cfg.lr_scale != 1 else ""), flush=True)
+    return _with_budget(cfg, outcome)
+
+
+def _with_budget(cfg: Config, plan: budget.BudgetPlan) -> Config:
+    stages = tuple(replace(st, steps=s["steps"]) for st, s in zip(cfg.stages, plan.stages))
+    return replace(cfg, stages=stages, plan={**cfg.plan, "budget": plan.to_dict()})
 
 
 def _record_config(cfg: Config, path, resumed: bool) -> None:
@@ -155,10 +203,11 @@ def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
     r = run.saved = saved["resume"]
     run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
     run.trace = Trace(**saved["trace"]) if "trace" in saved else Trace()
+    run.started -= r.get("spent_s", 0.0)  # the time spent before counts against a budget
     run.at = Progress(r["next_stage"], r["next_epoch"])
     if r.get("step") is not None:
         lead = runtime.is_main_process()  # the saved sums are the ranks' total
-        run.epoch = Position(len(run.history), r["order"], len(train_loader(run)), r["step"],
+        run.epoch = Position(len(run.history), r["order"], _epoch_end(run), r["step"],
                              r["loss_sum"] if lead else 0.0, r["seen"] if lead else 0, r["train_seconds"], r["seconds"],
                              traced=tuple(r.get("traced", (r["loss_sum"], r["seen"], r["step"] // run.cfg.accum_steps))))
     runstate.restore_rng(run, r["rng"], rank)
@@ -185,6 +234,19 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
     with guard.StopSignals() as stop, _failures(run):
         while run.at.stage < len(run.cfg.stages):
             yield from _stage(run, stop)
+    _record_actual_time(run)
+
+
+def _record_actual_time(run: Run) -> None:
+    """A budgeted run's end: its last files written, config.json's plan gets the actual time."""
+    if "budget" not in (run.cfg.plan or {}) or not runtime.is_main_process() or run.dir is None:
+        return
+    checkpoints.SAVER.wait()
+    actual = round((time.monotonic() - run.started) / 60, 3)
+    run.cfg = replace(run.cfg, plan={**run.cfg.plan, "budget": {**run.cfg.plan["budget"], "actual_minutes": actual}})
+    _record_config(run.cfg, run.dir / "config.json", resumed=True)
+    print(f"budget {run.cfg.budget_minutes:g} min: planned {run.cfg.plan['budget']['predicted_minutes']:.1f} min, "
+          f"took {actual:.1f} min", flush=True)
 
 
 def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
@@ -197,21 +259,44 @@ def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
 
 def _start_stage(run: Run) -> StageRun:
     """A stage's layers made trainable, at its image size, with a fresh optimizer and one-cycle
-    schedule, or those a resumed run saved inside this stage."""
-    cfg, si = run.cfg, run.at.stage
+    schedule, or those a resumed run saved inside this stage. A budgeted run first plans this
+    stage and the rest again, from the speed it has measured so far."""
+    si, saved = run.at.stage, run.saved
+    run.saved = None
+    if saved is None and si > 0 and "budget" in (run.cfg.plan or {}):
+        run.cfg = _replan(run, si)
+    cfg = run.cfg
     stage = cfg.stages[si]
     run.aug.size = stage_image_size(cfg, stage)
     params = apply_stage(run.model, run.groups, stage)
     opt = make_optimizer(cfg, params, run.plan.fused)
-    st = StageRun(si, stage, _stage_model(run), opt, make_schedule(cfg, opt, stage, steps_per_epoch(run) * stage.epochs),
+    st = StageRun(si, stage, _stage_model(run), opt, make_schedule(cfg, opt, stage, stage_steps(stage, steps_per_epoch(run))),
                   run.plan.scaler())
-    saved, run.saved = run.saved, None
     if saved is not None and saved["stage"] == si:
         load_optimizer_state(opt, saved["optimizer"], run.plan.fused)
         st.sched.load_state_dict(saved["scheduler"])
         load_scaler_state(st.scaler, saved.get("scaler", {}))
         st.patience = Patience(saved["stage_best"], saved["bad_epochs"])
     return st
+
+
+def _replan(run: Run, si: int) -> Config:
+    """Stages `si` on planned again: the time left, and their step times scaled by how much
+    slower (or faster) the stages so far ran than predicted. Rank 0 decides."""
+    cfg, plan = run.cfg, budget.BudgetPlan(**run.cfg.plan["budget"])
+    outcome = None
+    if runtime.is_main_process():
+        done = {s.name for s in cfg.stages[:si]}
+        actual = sum(float(r["seconds"]) + plan.save_s for r in run.history if r["stage"] in done)
+        predicted = sum(s["predicted_s"] for s in plan.stages[:si])
+        pace = actual / predicted if predicted > 0 and actual > 0 else 1.0
+        costs = [budget.StageCost(st.name, st.share, s["image_size"], s["step_s"] * pace, s["val_s"] * pace)
+                 for st, s in zip(cfg.stages[si:], plan.stages[si:])]
+        outcome = budget.replan(plan, si, costs, time.monotonic() - run.started)
+    outcome = runtime.broadcast_object(outcome)
+    if runtime.is_main_process():
+        print(f"re-planned at stage {cfg.stages[si].name!r}: {budget.describe(outcome)}", flush=True)
+    return _with_budget(cfg, outcome)
 
 
 def _stage_model(run: Run) -> nn.Module:
@@ -229,7 +314,7 @@ def _epoch(run: Run, stop: guard.StopSignals) -> dict[str, Any]:
     its end."""
     if run.epoch is None:
         loader = train_loader(run)
-        run.epoch = Position(len(run.history), loader.order(len(run.history)), len(loader))
+        run.epoch = Position(len(run.history), loader.order(len(run.history)), _epoch_end(run))
     pos = run.epoch
     start = time.time() - pos.seconds
     while (event := _steps(run, pos, stop)) != "done":
@@ -275,7 +360,8 @@ def _end_epoch(run: Run, pos: Position, start: float) -> dict[str, Any]:
     st.patience = st.patience.after(val_loss)
     row = _row(run, st, pos, train_loss, val_loss, val_acc, seen)
     run.history.append(row)
-    run.at = _next(run.at, st.stage.epochs, st.patience.exhausted(cfg.patience), cfg.stop_ends_run, len(cfg.stages))
+    run.at = _next(run.at, stage_rows(st.stage, steps_per_epoch(run)), st.patience.exhausted(cfg.patience),
+                   cfg.stop_ends_run, len(cfg.stages))
     improved = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
     state = runstate.resume_state(run, st, None)
@@ -284,9 +370,18 @@ def _end_epoch(run: Run, pos: Position, start: float) -> dict[str, Any]:
     return row
 
 
+def _epoch_end(run: Run) -> int:
+    """The batch the epoch `run.at` points to ends at: the loader's length, or fewer for the last
+    epoch of a stage whose length in steps ends inside it."""
+    n, spe = len(train_loader(run)), steps_per_epoch(run)
+    left = stage_steps(run.cfg.stages[run.at.stage], spe) - run.at.epoch * spe
+    return n if left >= spe else left * run.cfg.accum_steps
+
+
 def _next(at: Progress, stage_epochs: int, stopped: bool, stop_ends_run: bool, stages: int) -> Progress:
     """Where training goes on after epoch `at`: the stage's next epoch, the next stage (at its
-    end, or when early stopping cut it short), or the end (when a stop ends the run)."""
+    end, or when early stopping cut it short), or the end (when a stop ends the run). A stage
+    that ends inside an epoch ends there, after its row."""
     if stopped and stop_ends_run:
         return Progress(stages, 0)
     if stopped or at.epoch + 1 == stage_epochs:
@@ -332,7 +427,7 @@ def _row(run: Run, st: StageRun, pos: Position, train_loss: float, val_loss: flo
 
 def format_row(row: dict[str, Any], run: Run) -> str:
     """The one plain line per epoch that the CLI and notebook 03 print."""
-    total = sum(s.epochs for s in run.cfg.stages)
+    total = sum(stage_rows(s, steps_per_epoch(run)) for s in run.cfg.stages)
     return (f"epoch {row['epoch']}/{total} [{row['stage']}] train_loss {row['train_loss']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.2%} lr_head {row['lr_head']:.2e} "
             f"{row['seconds']:.1f} s {row['images_per_s']:.0f} img/s")
@@ -344,6 +439,32 @@ def _rates(opt) -> dict[str, float]:
 
 # --- the command line ----------------------------------------------------------------------------
 
+def _process_started() -> float:
+    """When this process began, on the monotonic clock: on the command line a budget counts the
+    whole command, Python's start and the imports included, as a user's stopwatch would."""
+    try:
+        import psutil
+        return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+    except (ImportError, OSError):
+        return time.monotonic()
+
+
+def _find_lr_command(cfg: Config) -> None:
+    """`find_lr=True` on the command line: the range test on the run's first stage (or, with
+    resume=True, the stage it is at), its suggestion printed and its plot written to runs/; no
+    run folder is made, so the same command without find_lr=True then trains as usual."""
+    from .plots import lr_finder, save_png
+
+    run = prepare(cfg, folder=False)
+    if runtime.is_main_process():
+        curve = find_lr(run)
+        out = runtime.resolve_path("runs") / f"lr_finder-{cfg.preset}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_png(lr_finder(curve), out)
+        print(curve.advice())
+        print(f"plot: {out}")
+
+
 def _usage() -> str:
     lines = ["usage: python -m cifarlib.train [key=value ...]", "",
              "Train with a preset and overrides; values are read as papermill reads -p",
@@ -353,7 +474,8 @@ def _usage() -> str:
     for f in fields(Config):
         if f.name not in ("stages", "plan", "given"):
             lines.append(f"  {f.name}={getattr(base, f.name)!r}")
-    lines += ["", f"presets: {', '.join(PRESETS)}"]
+    lines += ["  find_lr=False (the command line's own: run the learning-rate finder, print its suggestion, train nothing)",
+              "", f"presets: {', '.join(PRESETS)}"]
     return "\n".join(lines)
 
 
@@ -368,7 +490,11 @@ def main(argv: list[str] | None = None) -> None:
             if bad:
                 raise UserError(f"expected key=value, got {' '.join(bad)} (see --help).")
             kv = {k: parse_value(v) for k, v in (a.split("=", 1) for a in argv)}
-            run = prepare(make_config(kv.pop("preset", "original"), **kv))
+            find = kv.pop("find_lr", False)  # a key of the command line only: it trains nothing
+            cfg = make_config(kv.pop("preset", "original"), **kv)
+            if find is True:
+                return _find_lr_command(cfg)
+            run = prepare(cfg, started=_process_started())
             for row in epochs(run):  # one line per epoch on stdout; the progress bar is on stderr
                 if runtime.is_main_process():
                     print(format_row(row, run), flush=True)

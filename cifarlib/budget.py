@@ -1,0 +1,148 @@
+"""Train to the time you have: the stages' lengths planned to a wall-clock budget.
+
+Given what a stage costs (the seconds of one optimizer step at its image size with its trainable
+layers, and of one validation pass at that size, measured by `cifarlib.trial.probe`), `fit`
+chooses every stage's length in optimizer steps so that the whole run ends near the budget:
+
+- the preset's proportions between stages are kept (a stage's share of the epochs), by one
+  scale factor, the largest whose predicted time fits;
+- lengths are optimizer steps, so a stage may end inside an epoch (the one-cycle schedule is
+  sized to them in advance);
+- a stage validates at every epoch boundary inside it and at its end, and each validation is
+  counted.
+
+Pure arithmetic, no clock and no torch: the tests plan with given step times. fastai, timm and
+Lightning all take a number of epochs; none plans a run to a time, so this is our own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+
+class TooSmall(Exception):
+    """The budget does not cover the fixed costs and the shortest run; `minimum_s` would."""
+
+    def __init__(self, minimum_s: float):
+        super().__init__(minimum_s)
+        self.minimum_s = minimum_s
+
+
+@dataclass(frozen=True)
+class StageCost:
+    name: str
+    share: float         # the preset's share of the epochs
+    image_size: int
+    step_s: float        # seconds per optimizer step, augmentation included
+    val_s: float         # seconds per validation pass at its image size
+
+
+def stage_seconds(cost: StageCost, steps: int, steps_per_epoch: int, save_s: float = 0.0) -> float:
+    """Predicted seconds of a stage of `steps` optimizer steps: its steps, and a validation (and
+    the hand-off of a save) at every epoch boundary inside it and at its end."""
+    rows = -(-steps // steps_per_epoch)
+    return steps * cost.step_s + rows * (cost.val_s + save_s)
+
+
+def _steps(costs: list[StageCost], k: float, steps_per_epoch: int) -> list[int]:
+    return [max(1, round(k * c.share * steps_per_epoch)) for c in costs]
+
+
+def fit(costs: list[StageCost], steps_per_epoch: int, seconds: float, save_s: float = 0.0) -> list[int]:
+    """Each stage's length in optimizer steps: the preset's proportions scaled by the largest
+    factor whose predicted time fits in `seconds` (the budget left after what is already spent and
+    the final save). `TooSmall` if even one step per stage does not fit."""
+    total = lambda steps: sum(stage_seconds(c, n, steps_per_epoch, save_s) for c, n in zip(costs, steps))  # noqa: E731
+    shortest = total([1] * len(costs))
+    if shortest > seconds:
+        raise TooSmall(shortest - seconds)
+    lo, hi = 0.0, 1.0  # epochs per unit of share
+    while total(_steps(costs, hi, steps_per_epoch)) <= seconds:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            break
+    for _ in range(60):  # bisection on the factor; the step counts change in whole steps
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(_steps(costs, mid, steps_per_epoch)) <= seconds else (lo, mid)
+    return _steps(costs, lo, steps_per_epoch)
+
+
+@dataclass
+class BudgetPlan:
+    """What a budgeted run planned, recorded in config.json and last.pt (under `plan`, beside the
+    device plan) and updated as it goes: re-planned stages, and at its end the actual time."""
+    budget_minutes: float
+    steps_per_epoch: int
+    stages: list[dict]             # per stage: name, image_size, steps, step_s, val_s, predicted_s
+    spent_s: float                 # spent before training: loading, the probe (the command's start, on the CLI)
+    save_s: float                  # the files of one history row
+    predicted_minutes: float       # the whole run, as planned
+    actual_minutes: float | None = None  # added at the run's end
+    replans: list[dict] | None = None    # each re-plan at a stage boundary: where, the time spent, the new steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stages(costs: list[StageCost], steps: list[int], steps_per_epoch: int, save_s: float) -> list[dict]:
+    return [{"name": c.name, "image_size": c.image_size, "steps": n, "step_s": round(c.step_s, 4),
+             "val_s": round(c.val_s, 3), "predicted_s": round(stage_seconds(c, n, steps_per_epoch, save_s), 1)}
+            for c, n in zip(costs, steps)]
+
+
+def make_plan(costs: list[StageCost], steps_per_epoch: int, budget_s: float, spent_s: float, save_s: float) -> BudgetPlan:
+    """The plan for a run that has spent `spent_s` (loading, the probe) and writes `save_s`
+    seconds of files at each row, the last of them after training; `TooSmall` names the smallest
+    budget that would do."""
+    try:
+        steps = fit(costs, steps_per_epoch, budget_s - spent_s - save_s, save_s)
+    except TooSmall as e:
+        raise TooSmall(budget_s + e.minimum_s) from None
+    stages = _stages(costs, steps, steps_per_epoch, save_s)
+    predicted = spent_s + save_s + sum(s["predicted_s"] for s in stages)
+    return BudgetPlan(round(budget_s / 60, 3), steps_per_epoch, stages, round(spent_s, 1), round(save_s, 2),
+                      round(predicted / 60, 3), replans=[])
+
+
+def replan(plan: BudgetPlan, start: int, costs: list[StageCost], spent_s: float) -> BudgetPlan:
+    """The stages from `start` on planned again with the time left after `spent_s` and their costs
+    (already scaled to the speed measured so far); earlier stages keep what they ran. With no
+    time left, each remaining stage gets one step."""
+    left = plan.budget_minutes * 60 - spent_s - plan.save_s
+    try:
+        steps = fit(costs, plan.steps_per_epoch, left, plan.save_s)
+    except TooSmall:
+        steps = [1] * len(costs)
+    stages = plan.stages[:start] + _stages(costs, steps, plan.steps_per_epoch, plan.save_s)
+    predicted = spent_s + plan.save_s + sum(s["predicted_s"] for s in stages[start:])
+    note = {"at_stage": start, "spent_s": round(spent_s, 1), "steps": steps}
+    return BudgetPlan(plan.budget_minutes, plan.steps_per_epoch, stages, plan.spent_s, plan.save_s,
+                      round(predicted / 60, 3), replans=[*(plan.replans or []), note])
+
+
+def describe(plan: BudgetPlan) -> str:
+    """`budget 10.0 min: head 0.6 epoch at 64 px, then all 1.2 epochs at 88 px; predicted 9.5 min`"""
+    parts = []
+    for s in plan.stages:
+        epochs = s["steps"] / plan.steps_per_epoch
+        parts.append(f"{s['name']} {epochs:.2g} epoch{'' if epochs <= 1 else 's'} at {s['image_size']} px")
+    return (f"budget {plan.budget_minutes:.1f} min: {', then '.join(parts)}; "
+            f"predicted {plan.predicted_minutes:.1f} min")
+
+
+def reproduce(stages, plan: BudgetPlan) -> str:
+    """The `stages` JSON that runs the same stages without a budget."""
+    out = []
+    for st, s in zip(stages, plan.stages):
+        d = {"name": st.name, "share": st.share, "groups": list(st.groups), "lr": list(st.lr), "warmup": st.warmup,
+             "anneal": st.anneal, "steps": s["steps"]}
+        if st.image_size:
+            d["image_size"] = st.image_size
+        out.append(d)
+    return json.dumps(out)
+
+
+def minutes(seconds: float) -> str:
+    return f"{math.ceil(seconds / 6) / 10:.1f}"
