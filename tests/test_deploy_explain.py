@@ -6,7 +6,7 @@ trained here, timm's smallest EfficientNet (`test_efficientnet`: timm's Efficien
 of pictures stored at 64 px, whose classes differ only by the colour of a small patch at a fixed
 place (24 px square, a seventh of the picture), trained with no augmentation at 256 px, where its
 last feature map is 8x8. (At 128 px, a 4x4 map, Grad-CAM spread the evidence over the cells next
-to the patch's: 30-55% of the map lay on the patch, for patches of up to a quarter of the picture.)
+to the patch's: 14-57% of the map lay on the patch, for patches from a sixteenth to a quarter of the picture.)
 """
 
 import json
