@@ -1,6 +1,6 @@
 """The upload app's time per picture, with and without "where it looked" (Grad-CAM), on the CPU.
 
-    python benchmarks/bench_app.py CHECKPOINT [--pictures N] [--repeats R]
+    python benchmarks/bench_upload.py CHECKPOINT [--pictures N] [--repeats R]
 
 Times `UploadApp.show_file` (size check, the one decode, the prediction, the map, the PNGs of the
 three views) on N photo-like 640x480 JPEGs, after one untimed warm-up, alternating the two
