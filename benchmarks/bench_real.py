@@ -3,6 +3,7 @@ plain fine-tuning loop, on the same validation split of the same folder, one aft
 
     python benchmarks/bench_real.py DATA WEIGHTS [key=value ...]
     python benchmarks/bench_real.py DATA WEIGHTS --reference [image_size=96 epochs=2]
+    python benchmarks/bench_real.py DATA WEIGHTS --reference --reference-head zero   # its head started at zero
     python benchmarks/bench_real.py DATA WEIGHTS --out benchmarks/results/real_cpu_trials.jsonl  # keep it
 
 DATA is an image folder or archive (`dataset=folder`), WEIGHTS a state_dict for the backbone
@@ -104,7 +105,8 @@ def plain_loop(data: str, weights: str, kv: dict, out: Path) -> None:
     d = load_cifar("folder", data, val_fraction=0.1, seed=kv.get("seed", 0), max_train_samples=kv.get("max_train_samples"),
                    max_eval_samples=kv.get("max_eval_samples"), store_size=32, cache_dir=kv.get("cache_dir", "data"),
                    device="cpu")
-    model = build_model(backbone, d.num_classes, weights, head_init="default")  # as a plain loop makes it
+    head_init = kv.get("reference_head", "default")  # default: as a plain loop makes it; zero: as the preset does
+    model = build_model(backbone, d.num_classes, weights, head_init=head_init)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(backbone))
     groups = layer_groups(model)
     named = dict(model.named_parameters())
@@ -154,7 +156,8 @@ def plain_loop(data: str, weights: str, kv: dict, out: Path) -> None:
     out.write_text(json.dumps({
         "val_top1": round(correct / len(d.val), 6), "val_loss": round(loss / len(d.val), 6),
         "train_val_s": round(time.perf_counter() - t0, 1),
-        "config": {"backbone": backbone, "image_size": size, "epochs": epochs, "batch_size": batch, "train": len(d.train),
+        "config": {"backbone": backbone, "image_size": size, "epochs": epochs, "batch_size": batch, "head_init": head_init,
+                   "train": len(d.train),
                    "val": len(d.val), "head_lr": 2e-3, "group_peaks": [round(p, 8) for p in peaks], "weight_decay": 0.01}}))
 
 
@@ -171,16 +174,22 @@ def main() -> None:
     p.add_argument("data", help="an image folder or archive (dataset=folder)")
     p.add_argument("weights", help="a state_dict file for the backbone (or none: random, to check the script)")
     p.add_argument("--reference", action="store_true", help="run the plain loop instead of the cpu preset")
+    p.add_argument("--reference-head", choices=("default", "zero"), default="default",
+                   help="the plain loop's new head: as timm makes it (default, what a user's loop does) or at zero")
     p.add_argument("--out", metavar="FILE", help="also append the JSON line to FILE")
     p.add_argument("--plain-loop", metavar="OUT", help=argparse.SUPPRESS)  # the timed child process
     p.add_argument("settings", nargs="*", help="key=value overrides (as for python -m cifarlib.train)")
     a = p.parse_intermixed_args()
     kv = parse(a.settings)
+    if a.reference_head != "default":
+        kv["reference_head"] = a.reference_head
     data = str(Path(a.data).resolve())
     weights = a.weights if a.weights in ("none", "imagenet") else str(Path(a.weights).resolve())
     if a.plain_loop:
         plain_loop(data, weights, kv, Path(a.plain_loop))
         return
+    if "reference_head" in kv and not (a.reference or a.plain_loop):
+        raise SystemExit("--reference-head applies to the plain loop: add --reference")
     warm_cache(data, {**kv, "store_size": 32} if a.reference else kv)
     result = reference(data, weights, kv) if a.reference else ours(data, weights, kv)
     result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),

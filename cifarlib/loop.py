@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress, runtime
-from .config import Config, Stage
+from .config import Config, Stage, stage_steps
 from .data import Batches
 from .evaluate import logits
 from .model import GROUPS
@@ -99,6 +99,18 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
 
 def train_loader(run: Run) -> Batches:
     return Batches(run.train, run.cfg.batch_size, shuffle=True, drop_last=True, seed=run.cfg.seed)
+
+
+def steps_per_epoch(run: Run) -> int:
+    return -(-len(train_loader(run)) // run.cfg.accum_steps)
+
+
+def epoch_end(run: Run) -> int:
+    """The batch the epoch `run.at` points to ends at: the loader's length, or fewer for the last
+    epoch of a stage whose length in steps ends inside it."""
+    n, spe = len(train_loader(run)), steps_per_epoch(run)
+    left = stage_steps(run.cfg.stages[run.at.stage], spe) - run.at.epoch * spe
+    return n if left >= spe else left * run.cfg.accum_steps
 
 
 class Check(NamedTuple):

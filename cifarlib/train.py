@@ -44,177 +44,27 @@ several epochs per stage on a GPU; short runs and CPU runs should leave it off.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from . import budget, checkpoints, guard, runstate, runtime, trial
-from .augment import BatchAugment, make_policy
-from .config import (PRESETS, Config, make_config, parse_value, resumed, stage_image_size, stage_rows,
-                     stage_steps, to_dict)
-from .data import Split, load_cifar
+from . import checkpoints, guard, runstate, runtime
+from .config import PRESETS, Config, make_config, parse_value, stage_image_size, stage_rows, stage_steps
 from .errors import UserError, cli_errors
-from .loop import (apply_stage, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
-                   make_schedule, train_epoch, train_loader, train_mode, train_steps, validate)
-from .model import GROUPS, build_model, layer_groups
-from .preprocess import normalization
-from .run import Position, Progress, Run, StageRun, Trace
+from .loop import (apply_stage, epoch_end, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
+                   make_schedule, steps_per_epoch, train_epoch, train_loader, train_mode, train_steps, validate)
+from .model import GROUPS
+from .prepare import prepare, record_actual_time, replan
+from .run import Position, Progress, Run, StageRun
 from .stopping import Patience
 from .trial import find_lr  # noqa: F401  (train.find_lr(run, stage=None))
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
-
-
-def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) -> Split:
-    """Every `world`-th sample from `rank`; `equal` drops the last few so that every rank gets
-    the same number of batches (the training step's collectives must line up). A rank left with
-    nothing would fall out of step with the others' collectives, so that is refused."""
-    if len(split) < world:
-        raise UserError(f"the {what} split has {len(split)} image(s) for {world} processes: each needs at "
-                        f"least one. Raise {'max_train_samples' if what == 'training' else 'max_eval_samples'} "
-                        f"to {world} or more, or start fewer processes.")
-    n = len(split) // world * world if equal else len(split)
-    return split if world == 1 else split.subset(torch.arange(rank, n, world))
-
-
-# --- before training -----------------------------------------------------------------------------
-
-def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> Run:
-    """Resolve the device plan, load data and model, make or reopen the run folder, restore the
-    state to resume, and plan a budgeted run. Every setting is checked, and the device plan
-    resolved, before any data loads. `started`: when the run's clock started (`time.monotonic()`;
-    default now), which a budget counts from. `folder=False` makes no run folder and writes
-    nothing (the learning-rate finder's run)."""
-    started = time.monotonic() if started is None else started
-    rank, world = runtime.setup_distributed(cfg.device)
-    checkpoints.SAVER.wait()  # a save of this process still being written (a notebook's last run)
-    cfg, saved = _config(cfg)
-    plan = runtime.resolve_plan(cfg.device, cfg.precision, cfg.fused, cfg.channels_last, cfg.check_every)
-    budget_plan = (cfg.plan or {}).get("budget") if saved else None  # a resumed run keeps its plan
-    cfg = replace(cfg, plan={**plan.to_dict(), **({"budget": budget_plan} if budget_plan else {})})
-    if folder:
-        checkpoints.check_writable(cfg.checkpoint_dir)  # on every rank: none may wait for one that failed
-    torch.manual_seed(cfg.seed)
-    data = load_cifar(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                      max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
-                      verify_checksums=cfg.verify_checksums, device=plan.device, store_size=cfg.store_size,
-                      cache_dir=cfg.cache_dir)
-    if saved and list(saved["classes"]) != data.classes:
-        raise UserError(f"cannot resume: the classes in {data.folder} are no longer the run's.\n"
-                        f"  the run's:  {', '.join(saved['classes'])}\n  the data's: {', '.join(data.classes)}")
-    model = build_model(cfg.backbone, num_classes=data.num_classes, weights="none" if saved else cfg.weights,
-                        head_init=cfg.head_init)
-    path = None
-    if folder or cfg.resume:
-        path = checkpoints.prepare_run_dir(cfg.run_name, resume=cfg.resume, overwrite=cfg.overwrite, root=cfg.checkpoint_dir)
-    model.to(plan.device, memory_format=plan.memory_format)
-    mean, std = normalization(cfg.backbone)
-    aug = BatchAugment(make_policy(cfg.augmentation), cfg.image_size, mean, std, data.num_classes,
-                       seed=cfg.seed + rank, channels_last=plan.channels_last)
-    run = Run(cfg, path, plan, data, _shard(data.train, rank, world, "training", equal=True),
-              _shard(data.val, rank, world, "validation"), model, layer_groups(model), aug, started=started)
-    if runtime.is_main_process() and folder:
-        print(plan.describe(), flush=True)
-    if saved:
-        _restore(run, saved, rank)
-    elif cfg.budget_minutes and folder:
-        run.cfg = _plan_budget(run)
-    run.cfg = replace(run.cfg, stages=tuple(replace(st, epochs=stage_rows(st, steps_per_epoch(run))) if st.steps else st
-                                            for st in run.cfg.stages))  # a stage in steps validates this often
-    if runtime.is_main_process() and folder:
-        _record_config(run.cfg, path / "config.json", resumed=saved is not None)
-    return run
-
-
-def _plan_budget(run: Run):
-    """A budgeted run's stages, planned from its measured speed (`cifarlib.trial.probe`) to end
-    near its budget, counted from `run.started`; printed, with the stages JSON that reproduces
-    it. Rank 0 plans, and every rank takes its plan."""
-    cfg, spe = run.cfg, steps_per_epoch(run)
-    costs = trial.probe(run)
-    save_s = trial.save_seconds(run)
-    outcome: Any = None
-    if runtime.is_main_process():
-        spent = time.monotonic() - run.started
-        try:
-            outcome = budget.make_plan(costs, spe, cfg.budget_minutes * 60, spent, save_s)
-        except budget.TooSmall as e:
-            outcome = (f"budget_minutes={cfg.budget_minutes:g} is too small for this run: loading the data and the "
-                       f"model and timing the stages took {spent:.0f} s, and the shortest run (one step of each stage, "
-                       f"with its validation and saves) needs more than is left. The smallest budget that would work "
-                       f"is budget_minutes={budget.minutes(e.minimum_s)}; or train for a number of epochs instead "
-                       "(budget_minutes=0).")
-    outcome = runtime.broadcast_object(outcome)
-    if isinstance(outcome, str):
-        raise UserError(outcome)
-    if runtime.is_main_process():
-        print(budget.describe(outcome), flush=True)
-        print(f"the same stages without a budget: budget_minutes=0 stages='{budget.reproduce(cfg.stages, outcome)}'"
-              + (f" (their rates include lr_scale={cfg.lr_scale:g}: leave it out)" if cfg.lr_scale != 1 else ""), flush=True)
-    return _with_budget(cfg, outcome)
-
-
-def _with_budget(cfg: Config, plan: budget.BudgetPlan) -> Config:
-    stages = tuple(replace(st, steps=s["steps"]) for st, s in zip(cfg.stages, plan.stages))
-    return replace(cfg, stages=stages, plan={**cfg.plan, "budget": plan.to_dict()})
-
-
-def _record_config(cfg: Config, path, resumed: bool) -> None:
-    """config.json: written when a run starts; rewritten when a resumed run continues under
-    another device plan, keeping its modification time, which says when the run began (the runs
-    table's `started`)."""
-    if not resumed:
-        checkpoints.write_json(to_dict(cfg), path)
-        return
-    try:
-        began, before = path.stat().st_mtime_ns, checkpoints.read_json(path)
-    except (OSError, ValueError):
-        began, before = None, None
-    if before is None or before.get("plan") != cfg.plan:
-        checkpoints.write_json(to_dict(cfg), path)
-        if began is not None:
-            os.utime(path, ns=(began, began))
-
-
-def _config(cfg: Config) -> tuple[Config, dict[str, Any] | None]:
-    """The run's config, and for a resumed run its saved last.pt: its own recipe, where and how
-    it runs now (`config.resumed`)."""
-    if not cfg.resume:
-        name = cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)
-        return replace(cfg, run_name=runtime.broadcast_object(name)), None  # one name, whatever the ranks' clocks
-    if not cfg.run_name:
-        raise UserError("resume=True needs the run_name of the run to continue.")
-    path = checkpoints.prepare_run_dir(cfg.run_name, resume=True, overwrite=False, root=cfg.checkpoint_dir)
-    saved = checkpoints.load(path / "last.pt")
-    return resumed(saved["config"], cfg), saved
-
-
-def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
-    """Put a resumed run where its last.pt left it: weights, history, progress, the epoch under
-    way (if it stopped inside one) and every random state; the stage's optimizer, schedule and
-    scaler wait in `run.saved` until the stage starts again."""
-    run.model.load_state_dict(saved["model"])
-    r = run.saved = saved["resume"]
-    run.history, run.best_val_loss = list(saved["history"]), r["best_val_loss"]
-    run.trace = Trace(**saved["trace"]) if "trace" in saved else Trace()
-    run.started -= r.get("spent_s", 0.0)  # the time spent before counts against a budget
-    run.at = Progress(r["next_stage"], r["next_epoch"])
-    if r.get("step") is not None:
-        lead = runtime.is_main_process()  # the saved sums are the ranks' total
-        run.epoch = Position(len(run.history), r["order"], _epoch_end(run), r["step"],
-                             r["loss_sum"] if lead else 0.0, r["seen"] if lead else 0, r["train_seconds"], r["seconds"],
-                             traced=tuple(r.get("traced", (r["loss_sum"], r["seen"], r["step"] // run.cfg.accum_steps))))
-    runstate.restore_rng(run, r["rng"], rank)
-
-
-def steps_per_epoch(run: Run) -> int:
-    return math.ceil(len(train_loader(run)) / run.cfg.accum_steps)
 
 
 # --- training, from the top down -----------------------------------------------------------------
@@ -234,19 +84,7 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
     with guard.StopSignals() as stop, _failures(run):
         while run.at.stage < len(run.cfg.stages):
             yield from _stage(run, stop)
-    _record_actual_time(run)
-
-
-def _record_actual_time(run: Run) -> None:
-    """A budgeted run's end: its last files written, config.json's plan gets the actual time."""
-    if "budget" not in (run.cfg.plan or {}) or not runtime.is_main_process() or run.dir is None:
-        return
-    checkpoints.SAVER.wait()
-    actual = round((time.monotonic() - run.started) / 60, 3)
-    run.cfg = replace(run.cfg, plan={**run.cfg.plan, "budget": {**run.cfg.plan["budget"], "actual_minutes": actual}})
-    _record_config(run.cfg, run.dir / "config.json", resumed=True)
-    print(f"budget {run.cfg.budget_minutes:g} min: planned {run.cfg.plan['budget']['predicted_minutes']:.1f} min, "
-          f"took {actual:.1f} min", flush=True)
+    record_actual_time(run)
 
 
 def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
@@ -264,7 +102,7 @@ def _start_stage(run: Run) -> StageRun:
     si, saved = run.at.stage, run.saved
     run.saved = None
     if saved is None and si > 0 and "budget" in (run.cfg.plan or {}):
-        run.cfg = _replan(run, si)
+        run.cfg = replan(run, si)
     cfg = run.cfg
     stage = cfg.stages[si]
     run.aug.size = stage_image_size(cfg, stage)
@@ -278,25 +116,6 @@ def _start_stage(run: Run) -> StageRun:
         load_scaler_state(st.scaler, saved.get("scaler", {}))
         st.patience = Patience(saved["stage_best"], saved["bad_epochs"])
     return st
-
-
-def _replan(run: Run, si: int) -> Config:
-    """Stages `si` on planned again: the time left, and their step times scaled by how much
-    slower (or faster) the stages so far ran than predicted. Rank 0 decides."""
-    cfg, plan = run.cfg, budget.BudgetPlan(**run.cfg.plan["budget"])
-    outcome = None
-    if runtime.is_main_process():
-        done = {s.name for s in cfg.stages[:si]}
-        actual = sum(float(r["seconds"]) + plan.save_s for r in run.history if r["stage"] in done)
-        predicted = sum(s["predicted_s"] for s in plan.stages[:si])
-        pace = actual / predicted if predicted > 0 and actual > 0 else 1.0
-        costs = [budget.StageCost(st.name, st.share, s["image_size"], s["step_s"] * pace, s["val_s"] * pace)
-                 for st, s in zip(cfg.stages[si:], plan.stages[si:])]
-        outcome = budget.replan(plan, si, costs, time.monotonic() - run.started)
-    outcome = runtime.broadcast_object(outcome)
-    if runtime.is_main_process():
-        print(f"re-planned at stage {cfg.stages[si].name!r}: {budget.describe(outcome)}", flush=True)
-    return _with_budget(cfg, outcome)
 
 
 def _stage_model(run: Run) -> nn.Module:
@@ -314,7 +133,7 @@ def _epoch(run: Run, stop: guard.StopSignals) -> dict[str, Any]:
     its end."""
     if run.epoch is None:
         loader = train_loader(run)
-        run.epoch = Position(len(run.history), loader.order(len(run.history)), _epoch_end(run))
+        run.epoch = Position(len(run.history), loader.order(len(run.history)), epoch_end(run))
     pos = run.epoch
     start = time.time() - pos.seconds
     while (event := _steps(run, pos, stop)) != "done":
@@ -368,14 +187,6 @@ def _end_epoch(run: Run, pos: Position, start: float) -> dict[str, Any]:
     if runtime.is_main_process():
         runstate.submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
     return row
-
-
-def _epoch_end(run: Run) -> int:
-    """The batch the epoch `run.at` points to ends at: the loader's length, or fewer for the last
-    epoch of a stage whose length in steps ends inside it."""
-    n, spe = len(train_loader(run)), steps_per_epoch(run)
-    left = stage_steps(run.cfg.stages[run.at.stage], spe) - run.at.epoch * spe
-    return n if left >= spe else left * run.cfg.accum_steps
 
 
 def _next(at: Progress, stage_epochs: int, stopped: bool, stop_ends_run: bool, stages: int) -> Progress:

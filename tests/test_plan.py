@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cifarlib.prepare as preparing
 from cifarlib import checkpoints, config, loop, runs, runtime, train
 from cifarlib.augment import BatchAugment
 from cifarlib.config import Stage, make_config
@@ -109,7 +110,7 @@ def test_what_a_device_cannot_run_is_refused_before_anything_loads(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="device=cuda asks for a CUDA GPU, and torch sees none.*device=auto"):
         runtime.resolve_plan("cuda")
-    monkeypatch.setattr(train, "load_cifar", lambda *a, **k: pytest.fail("data loaded before the plan was checked"))
+    monkeypatch.setattr(preparing, "load_cifar", lambda *a, **k: pytest.fail("data loaded before the plan was checked"))
     with pytest.raises(SystemExit) as e:
         train.main(["preset=cpu", "device=cuda", "checkpoint_dir=/nonexistent/never-made"])
     assert e.value.code == 2 and "asks for a CUDA GPU" in capsys.readouterr().err

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from cifarlib import checkpoints, model as model_lib, sources, train
+from cifarlib.augment import BatchAugment
 from cifarlib.config import make_config, parse_value, scale_epochs, stage_image_size
 from cifarlib.errors import UserError
 
 # device="cpu": these tests mean the CPU (exact resumes, gloo) even on a machine with a GPU
-TINY = dict(dataset="synthetic", weights="none", backbone="resnet18", image_size=32, batch_size=32,
+TINY = dict(dataset="synthetic", weights="none", backbone="test_resnet", image_size=32, batch_size=32,
             max_train_samples=400, max_eval_samples=100, device="cpu")
 
 
@@ -153,11 +154,11 @@ def test_loss_falls_and_a_run_writes_self_describing_files(tmp_path):
     files = sorted(p.name for p in run.dir.iterdir())
     assert files == ["best.pt", "config.json", "history.csv", "last.pt", "loss_curves.png"]
     ckpt = checkpoints.load(run.dir / "best.pt")  # weights_only=True inside
-    assert ckpt["backbone"] == "resnet18" and len(ckpt["classes"]) == 100 and ckpt["classes"][0] == "apple"
-    assert ckpt["mean"] == [0.485, 0.456, 0.406] and ckpt["image_size"] == 32 and ckpt["config"]["preset"] == "cpu"
+    assert ckpt["backbone"] == "test_resnet" and len(ckpt["classes"]) == 100 and ckpt["classes"][0] == "apple"
+    assert ckpt["mean"] == [0.5, 0.5, 0.5] and ckpt["image_size"] == 32 and ckpt["config"]["preset"] == "cpu"
     assert len(ckpt["history"]) >= 1 and "resume" not in ckpt and "resume" in checkpoints.load(run.dir / "last.pt")
     assert ckpt["metrics"] == min(rows, key=lambda r: r["val_loss"])
-    fresh = model_lib.build_model("resnet18", 100, "none").eval()
+    fresh = model_lib.build_model("test_resnet", 100, "none").eval()
     fresh.load_state_dict(checkpoints.load(run.dir / "last.pt")["model"])
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(fresh(x), run.model.eval()(x))
@@ -167,7 +168,7 @@ def test_loss_falls_and_a_run_writes_self_describing_files(tmp_path):
 def test_each_stage_trains_and_validates_at_its_own_size(tmp_path, monkeypatch):
     from cifarlib import loop
     trained, validated = [], []
-    real_augment, real_logits = train.BatchAugment.__call__, loop.logits
+    real_augment, real_logits = BatchAugment.__call__, loop.logits
 
     def augment(self, *a, **k):
         out = real_augment(self, *a, **k)
@@ -177,7 +178,7 @@ def test_each_stage_trains_and_validates_at_its_own_size(tmp_path, monkeypatch):
     def logits(model, x, size, *a, **k):
         validated.append(size)
         return real_logits(model, x, size, *a, **k)
-    monkeypatch.setattr(train.BatchAugment, "__call__", augment)
+    monkeypatch.setattr(BatchAugment, "__call__", augment)
     monkeypatch.setattr(loop, "logits", logits)
     run = train.prepare(tiny_cfg(tmp_path, epochs=2, max_train_samples=64, max_eval_samples=32, image_size=40))
     stages = [(s.name, s.image_size) for s in run.cfg.stages]
