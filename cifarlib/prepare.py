@@ -166,22 +166,16 @@ def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
 
 
 def replan(run: Run, si: int) -> Config:
-    """Stages `si` on planned again: the time left, and their step times scaled by how much
-    slower (or faster) the stages so far ran than predicted. Rank 0 decides."""
-    cfg, plan = run.cfg, budget.BudgetPlan(**run.cfg.plan["budget"])
-    outcome = None
-    if runtime.is_main_process():
-        done = {s.name for s in cfg.stages[:si]}
-        actual = sum(float(r["seconds"]) + plan.save_s for r in run.history if r["stage"] in done)
-        predicted = sum(s["predicted_s"] for s in plan.stages[:si])
-        pace = actual / predicted if predicted > 0 and actual > 0 else 1.0
-        costs = [budget.StageCost(st.name, st.share, s["image_size"], s["step_s"] * pace, s["val_s"] * pace)
-                 for st, s in zip(cfg.stages[si:], plan.stages[si:])]
-        outcome = budget.replan(plan, si, costs, time.monotonic() - run.started)
+    """Stages `si` on planned again from the speed measured now (a fresh probe of those stages,
+    so that a slower or busier machine than at the start is seen) and the time left. Rank 0
+    decides."""
+    plan = budget.BudgetPlan(**run.cfg.plan["budget"])
+    costs = trial.probe(run, range(si, len(run.cfg.stages)))
+    outcome = budget.replan(plan, si, costs, time.monotonic() - run.started) if runtime.is_main_process() else None
     outcome = runtime.broadcast_object(outcome)
     if runtime.is_main_process():
-        print(f"re-planned at stage {cfg.stages[si].name!r}: {budget.describe(outcome)}", flush=True)
-    return _with_budget(cfg, outcome)
+        print(f"re-planned at stage {run.cfg.stages[si].name!r}: {budget.describe(outcome)}", flush=True)
+    return _with_budget(run.cfg, outcome)
 
 
 def record_actual_time(run: Run) -> None:

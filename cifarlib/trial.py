@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 from . import runtime
 from .budget import StageCost
 from .config import stage_image_size
-from .data import Batches
 from .evaluate import logits
 from .loop import apply_stage, make_optimizer, make_schedule, train_loader, train_mode, train_steps
 from .run import Position, Run, StageRun, Trace
@@ -69,36 +69,45 @@ def _stage_run(run: Run, si: int, schedule_steps: int) -> StageRun:
     return StageRun(si, stage, run.model, opt, make_schedule(run.cfg, opt, stage, schedule_steps), run.plan.scaler())
 
 
-def _validation_seconds(run: Run, size: int) -> float:
-    """One validation pass at `size`, from the time of one full batch (after a warm-up batch)."""
-    batch = Batches(run.val, run.cfg.eval_batch_size)
+def _validation_seconds(run: Run, size: int, batches: int = 3) -> float:
+    """One validation pass at `size`: the median time of `batches` full batches (after one of
+    warm-up), times the number of batches the split makes."""
     x = run.val.images[: run.cfg.eval_batch_size]
+    if not len(x):
+        return 0.0
     run.model.eval()
-    logits(run.model, x, size, run.aug.mean, run.aug.std, plan=run.plan)
-    t0 = time.perf_counter()
-    logits(run.model, x, size, run.aug.mean, run.aug.std, plan=run.plan).sum().item()
-    return (time.perf_counter() - t0) * len(run.val) / max(len(x), 1) if len(batch) else 0.0
+    times = []
+    for _ in range(batches + 1):
+        t0 = time.perf_counter()
+        logits(run.model, x, size, run.aug.mean, run.aug.std, plan=run.plan).sum().item()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * len(run.val) / len(x)
 
 
-def probe(run: Run, steps: int = 3) -> list[StageCost]:
-    """Each stage's cost: `steps` optimizer steps timed after one of warm-up, through
-    `loop.train_steps` (augmentation, the plan's precision and checks), and a validation pass.
+def probe(run: Run, stages: range | None = None, steps: int = 5, warmup: int = 2) -> list[StageCost]:
+    """The cost of each stage in `stages` (default: all): the median time of `steps` optimizer
+    steps, each timed alone after `warmup` untimed ones (the first steps at a new shape pay for
+    allocations and the kernels' set-up, and were seen to take up to ten times longer), through
+    `loop.train_steps` (augmentation, the plan's precision and checks); and a validation pass.
     Leaves no trace (`untouched`). Under torchrun every rank probes; rank 0's times count."""
     costs, accum = [], run.cfg.accum_steps
     loader = train_loader(run)
-    end = min(len(loader), accum * (1 + steps))
-    timed = max(1, -(-end // accum) - 1)
     with untouched(run):
-        for si, stage in enumerate(run.cfg.stages):
-            st = _stage_run(run, si, 1 + steps)
-            pos = Position(0, loader.order(0), end=min(accum, end))
-            train_steps(run, st, pos)  # warm-up: allocations, the kernels' first runs
-            pos.end = end
-            t0 = time.perf_counter()
-            train_steps(run, st, pos)
-            step_s = (time.perf_counter() - t0) / timed
-            val_s = _validation_seconds(run, run.aug.size)
-            costs.append(StageCost(stage.name, stage.share, run.aug.size, step_s, val_s))
+        for si in stages if stages is not None else range(len(run.cfg.stages)):
+            stage = run.cfg.stages[si]
+            st = _stage_run(run, si, warmup + steps)
+            pos = Position(0, loader.order(0), end=0)
+            times = []
+            for _ in range(warmup + steps):
+                if pos.end >= len(loader):
+                    break
+                pos.end = min(len(loader), pos.end + accum)
+                t0 = time.perf_counter()
+                train_steps(run, st, pos)
+                times.append(time.perf_counter() - t0)
+            timed = times[warmup:] or times[-1:]
+            costs.append(StageCost(stage.name, stage.share, run.aug.size, statistics.median(timed),
+                                   _validation_seconds(run, run.aug.size)))
     return runtime.broadcast_object(costs)
 
 
