@@ -65,7 +65,8 @@ def resume_state(run: Run, st: StageRun, pos: Position | None) -> dict[str, Any]
 def submit(run: Run, last: dict[str, Any], best: dict[str, Any] | None, rows: bool) -> None:
     """Copy what is to be saved to CPU memory now; the background saver writes best.pt (when
     validation improved), last.pt and, after an epoch, history.csv and loss_curves.png."""
-    from .plots import loss_curves, save_png  # matplotlib only where curves are drawn
+    from .curves import loss_curves  # matplotlib only where curves are drawn
+    from .plots import save_png
 
     t0 = time.perf_counter()
     state = run.model.state_dict()

@@ -264,7 +264,8 @@ def _find_lr_command(cfg: Config) -> None:
     """`find_lr=True` on the command line: the range test on the run's first stage (or, with
     resume=True, the stage it is at), its suggestion printed and its plot written to runs/; no
     run folder is made, so the same command without find_lr=True then trains as usual."""
-    from .plots import lr_finder, save_png
+    from .curves import lr_finder
+    from .plots import save_png
 
     run = prepare(cfg, folder=False)
     if runtime.is_main_process():

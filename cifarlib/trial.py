@@ -193,12 +193,12 @@ def save_seconds(run: Run) -> float:
     and the curves drawn once."""
     import io
 
-    from . import checkpoints, plots
+    from . import checkpoints, curves, plots
     t0 = time.perf_counter()
     torch.save(checkpoints.snapshot(run.model.state_dict()), io.BytesIO())
     weights = time.perf_counter() - t0
     rows = [{"epoch": 1, "stage": "a", "train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5, "lr_head": 1e-3}]
     t0 = time.perf_counter()
-    plots.png_bytes(plots.loss_curves(rows))
+    plots.png_bytes(curves.loss_curves(rows))
     curves = time.perf_counter() - t0
     return weights * (3 + (run.cfg.optimizer == "adamw")) + curves

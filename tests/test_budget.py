@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from cifarlib import budget, checkpoints, config, plots, runs, train, trial
+from cifarlib import budget, checkpoints, config, curves, runs, train, trial
 from cifarlib.budget import StageCost
 from cifarlib.config import make_config
 from cifarlib.errors import UserError
@@ -108,7 +108,7 @@ def test_the_probe_and_the_finder_leave_no_trace_and_the_finder_suggests_inside_
     assert 5 <= len(curve.losses) <= 30 and curve.stage == "head" and curve.peaks == (1e-3,)
     assert min(curve.scales) <= curve.steepest <= max(curve.scales) and curve.scales[0] == pytest.approx(1e-7)
     assert "lr_scale=" in curve.advice()
-    fig = plots.lr_finder(curve)
+    fig = curves.lr_finder(curve)
     assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].get_lines()) == 4  # the curve, two marks, the peak
 
 

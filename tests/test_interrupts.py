@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlib import checkpoints, guard, plots, runtime, train
+from cifarlib import checkpoints, curves, guard, runtime, train
 from cifarlib.augment import BatchAugment
 from cifarlib.config import Stage, make_config
 from cifarlib.errors import UserError
@@ -81,7 +81,7 @@ def test_history_has_a_learning_rate_per_layer_group_and_the_training_rate(refer
                              "lr_layer4", "lr_head", "train_loss", "val_loss", "val_acc", "seconds", "images_per_s"]
     assert [float(rows[0][f"lr_{g}"]) for g in ("stem", "layer4")] == [0.0, 0.0]  # frozen in the head stage
     assert all(float(rows[2][f"lr_{g}"]) > 0 for g in ("stem", "layer1", "head")) and float(rows[1]["images_per_s"]) > 0
-    panel = plots.loss_curves(rows).axes[1]  # the learning-rate panel: one line per slot, log scale
+    panel = curves.loss_curves(rows).axes[1]  # the learning-rate panel: one line per slot, log scale
     solid = [line for line in panel.get_lines() if line.get_linestyle() != ":"]  # dotted: frozen spans
     assert len(solid) == 6 and panel.get_yscale() == "log"
 

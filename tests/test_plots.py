@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cifarlib import curves
 from cifarlib.augment import POLICIES
 from cifarlib.data import Split
 from cifarlib.plots import mixing_sample
@@ -51,7 +52,7 @@ def test_figures_are_drawn_one_at_a_time(monkeypatch, draw):
 
     def work():
         start.wait()
-        plots.png_bytes(Figure()) if draw == "png_bytes" else plots.loss_curves(HISTORY)
+        plots.png_bytes(Figure()) if draw == "png_bytes" else curves.loss_curves(HISTORY)
     threads = [threading.Thread(target=work) for _ in range(3)]
     for t in threads:
         t.start()
@@ -62,15 +63,14 @@ def test_figures_are_drawn_one_at_a_time(monkeypatch, draw):
 
 def test_the_live_curves_are_drawn_under_that_lock_too(monkeypatch):
     """Not by IPython's printer for figures, which would draw them outside it."""
-    from cifarlib import plots
     drawn = []
-    monkeypatch.setattr(plots, "png_bytes", lambda fig: drawn.append(fig) or b"\x89PNG")
+    monkeypatch.setattr(curves, "png_bytes", lambda fig: drawn.append(fig) or b"\x89PNG")
     updates = []
 
     class Handle:  # what IPython's display(..., display_id=True) gives in a notebook
         update = updates.append
     monkeypatch.setattr("IPython.display.display", lambda obj, display_id: Handle())
-    live = plots.LiveCurves()
+    live = curves.LiveCurves()
     live(SimpleNamespace(history=HISTORY, trace=Trace(), aug=SimpleNamespace(policy=POLICIES["crop"])))
     assert len(drawn) == 1 and [u.data for u in updates] == [b"\x89PNG"]
 
@@ -78,7 +78,6 @@ def test_the_live_curves_are_drawn_under_that_lock_too(monkeypatch):
 def test_the_curves_show_the_loss_and_each_groups_rate_within_epochs():
     """From the trace: a head stage (the body frozen, dotted along the bottom) then everything;
     the rates rise and fall within each stage; 'soft targets' only where the policy mixes."""
-    from cifarlib import plots
     from cifarlib.model import GROUPS
     trace, history = Trace(), []
     for epoch, stage in enumerate(["head", "all"]):
@@ -88,7 +87,7 @@ def test_the_curves_show_the_loss_and_each_groups_rate_within_epochs():
             trace.add(epoch + k / 10, stage, 3.0 - epoch - k / 20, 5, rates)
         history.append({"epoch": epoch + 1, "stage": stage, "train_loss": 2.5 - epoch, "val_loss": 2.4 - epoch,
                         "val_acc": 0.3 + epoch / 10, **trace.points[-1]})
-    fig = plots.loss_curves(history, trace.points, soft_targets=False)
+    fig = curves.loss_curves(history, trace.points, soft_targets=False)
     loss, rates = fig.axes[0], fig.axes[1]
     xs = loss.get_lines()[0].get_xdata()
     assert len(xs) == 20 and xs[0] == 0.1 and "soft targets" not in loss.get_lines()[0].get_label()
@@ -98,7 +97,7 @@ def test_the_curves_show_the_loss_and_each_groups_rate_within_epochs():
     assert len(lines) == 6 + 5 and len(frozen) == 5  # every group, and the five frozen in the head stage
     head = next(line for line in lines if line.get_label() == "head").get_ydata()
     assert max(head[:10]) > head[0] and max(head[:10]) > head[9]  # warm-up, peak and anneal within the stage
-    mixed = plots.loss_curves(history, trace.points, soft_targets=True)
+    mixed = curves.loss_curves(history, trace.points, soft_targets=True)
     assert "soft targets" in mixed.axes[0].get_lines()[0].get_label()
 
 
