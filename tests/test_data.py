@@ -307,3 +307,12 @@ def test_relative_paths_resolve_against_the_project_root(tmp_path, monkeypatch):
     assert (root / "pyproject.toml").is_file() and (root / "cifarlib").is_dir()
     assert runtime.resolve_path("data") == root / "data"
     assert runtime.resolve_path(tmp_path / "x") == tmp_path / "x"
+
+
+def test_paths_in_messages_read_plainly(tmp_path):
+    """`..` is resolved: a message names `/work/shared/x`, not `/work/main/../shared/x`."""
+    root = runtime.project_root()
+    assert runtime.resolve_path("../shared/real/x.tar.gz") == root.parent / "shared" / "real" / "x.tar.gz"
+    assert ".." not in str(runtime.resolve_path(tmp_path / "a" / ".." / "b")) and str(runtime.resolve_path("data/./x")).endswith("data/x")
+    with pytest.raises(UserError, match=rf"data_dir {root.parent / 'nowhere'} does not exist"):
+        load_cifar("folder", "../nowhere", device="cpu")

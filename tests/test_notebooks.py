@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.
 assert len(NOTEBOOKS) == 6, NOTEBOOKS
 TINY = {"01_explore_data": {"per_class": 1, "similar_pairs": 2},
         "02_augmentation_preview": {"image_size": 48, "draws": 3},
-        "03_train": {"preset": "cpu", "backbone": "resnet18", "weights": "none", "image_size": 32, "epochs": 3,
+        "03_train": {"preset": "cpu", "backbone": "test_resnet", "weights": "none", "image_size": 32, "epochs": 3,
                      "max_train_samples": 400, "max_eval_samples": 100, "run_name": "nb", "device": "cpu"}}
 OUTPUT_DIRS = {"03_train": "checkpoint_dir"}  # notebooks that write, and where to
 
@@ -33,11 +33,10 @@ def test_committed_clean_with_a_documented_parameters_cell_first(path):
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in TINY], ids=lambda p: p.stem)
-def test_runs_headless_on_synthetic_data(path, tmp_path):
+def test_runs_headless_on_synthetic_data(path, tmp_path, notebook_kernel):
     out = tmp_path / path.name
     where = {OUTPUT_DIRS[path.stem]: str(tmp_path / "out")} if path.stem in OUTPUT_DIRS else {}
-    pm.execute_notebook(str(path), str(out), parameters={"dataset": "synthetic", "data_dir": str(tmp_path / "data"),
-                                                         **where, **TINY[path.stem]}, kernel_name="python3", progress_bar=False)
+    notebook_kernel.run(path, out, dataset="synthetic", data_dir=str(tmp_path / "data"), **where, **TINY[path.stem])
     nb = nbformat.read(out, as_version=4)
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images >= (1 if path.stem == "03_train" else 3)
@@ -51,11 +50,10 @@ def test_runs_headless_on_synthetic_data(path, tmp_path):
         assert len(lines) - len(epochs) <= 4, lines  # one plain line per epoch, and a few others
 
 
-def test_a_user_error_shows_as_one_message_in_the_notebook(tmp_path):
+def test_a_user_error_shows_as_one_message_in_the_notebook(tmp_path, notebook_kernel):
     out = tmp_path / "01.ipynb"
     with pytest.raises(pm.PapermillExecutionError):
-        pm.execute_notebook(str(NOTEBOOKS[0]), str(out), parameters={"dataset": "cifar100", "data_dir": str(tmp_path)},
-                            kernel_name="python3", progress_bar=False)
+        notebook_kernel.run(NOTEBOOKS[0], out, dataset="cifar100", data_dir=str(tmp_path))
     errors = [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert len(errors) == 1 and errors[0]["ename"] == "UserError"
     assert errors[0]["traceback"] == [f"UserError: {errors[0]['evalue']}"]
@@ -66,11 +64,10 @@ def outputs_of(path):
     return [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])]
 
 
-def test_evaluate_notebook_on_a_checkpoint_the_suite_trained(trained_checkpoint, tmp_path):
+def test_evaluate_notebook_on_a_checkpoint_the_suite_trained(trained_checkpoint, tmp_path, notebook_kernel):
     out = tmp_path / "04.ipynb"
-    pm.execute_notebook(str(NOTEBOOKS[3]), str(out), kernel_name="python3", progress_bar=False,
-                        parameters={"checkpoint": str(trained_checkpoint), "device": "cpu", "max_samples": 300,
-                                    "data_dir": str(trained_checkpoint.parents[2] / "data")})
+    notebook_kernel.run(NOTEBOOKS[3], out, checkpoint=str(trained_checkpoint), device="cpu", max_samples=300,
+                        data_dir=str(trained_checkpoint.parents[2] / "data"))
     images = sum("image/png" in o.get("data", {}) for o in outputs_of(out))
     assert images == 6
     saved = {p.name for p in trained_checkpoint.parent.glob("*.png")}
@@ -79,11 +76,10 @@ def test_evaluate_notebook_on_a_checkpoint_the_suite_trained(trained_checkpoint,
     assert (trained_checkpoint.parent / "metrics.json").is_file()
 
 
-def test_inference_notebook_headless_with_a_demo_image(trained_checkpoint, tmp_path):
+def test_inference_notebook_headless_with_a_demo_image(trained_checkpoint, tmp_path, notebook_kernel):
     out = tmp_path / "05.ipynb"
-    pm.execute_notebook(str(NOTEBOOKS[4]), str(out), kernel_name="python3", progress_bar=False,
-                        parameters={"checkpoint": str(trained_checkpoint),
-                                    "demo_image": str(NOTEBOOKS[0].parent / "demo_image.png"), "top_k": 3})
+    notebook_kernel.run(NOTEBOOKS[4], out, checkpoint=str(trained_checkpoint),
+                        demo_image=str(NOTEBOOKS[0].parent / "demo_image.png"), top_k=3)
     text = "".join(o.get("text", "") for o in outputs_of(out))
     assert "demo_image.png" in text and "  3. " in text and "superclass:" in text
     widget = [o for o in outputs_of(out) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
