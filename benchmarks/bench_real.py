@@ -22,7 +22,10 @@ epochs on five groups from the stem to the head with peaks spaced geometrically 
 bilinear upsampling; normalised with the backbone's mean and std; `model.train()` on everything
 (so frozen layers' BatchNorm statistics keep updating); no Mixup, no label smoothing;
 validation once, at the end. Its batches are augmented with a few tensor operations, not a
-DataLoader of PIL images: as fast as such a loop gets here.
+DataLoader of PIL images: as fast as such a loop gets here. For the trials that look for what
+holds it back, `reference_lr_scale=K` multiplies its peak rates and `reference_frozen_bn=eval`
+keeps its frozen layers' BatchNorm statistics in the head epoch; `--reference-head zero` starts
+its head at zero.
 """
 
 from __future__ import annotations
@@ -122,11 +125,19 @@ def plain_loop(data: str, weights: str, kv: dict, out: Path) -> None:
         x = x[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
         return (F.interpolate(x, size=size, mode="bilinear", align_corners=False) - mean) / std
 
+    scale = kv.get("reference_lr_scale", 1.0)  # trials only: all its peak rates times this
+    frozen_bn = kv.get("reference_frozen_bn", "train")  # trials only: "eval" keeps frozen BatchNorm's statistics
+
     def run_epochs(n, params, lrs, pct):
+        lrs = [lr * scale for lr in lrs]
         opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in zip(params, lrs)], weight_decay=0.01)
         steps = len(d.train) // batch
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=n * steps, pct_start=pct)
         model.train()
+        if frozen_bn == "eval":
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(q.requires_grad for q in m.parameters()):
+                    m.eval()
         for _ in range(n):
             order = torch.randperm(len(d.train))
             for k in range(steps):
@@ -157,6 +168,7 @@ def plain_loop(data: str, weights: str, kv: dict, out: Path) -> None:
         "val_top1": round(correct / len(d.val), 6), "val_loss": round(loss / len(d.val), 6),
         "train_val_s": round(time.perf_counter() - t0, 1),
         "config": {"backbone": backbone, "image_size": size, "epochs": epochs, "batch_size": batch, "head_init": head_init,
+                   "lr_scale": scale, "frozen_bn": frozen_bn, "max_train_samples": kv.get("max_train_samples"),
                    "train": len(d.train),
                    "val": len(d.val), "head_lr": 2e-3, "group_peaks": [round(p, 8) for p in peaks], "weight_decay": 0.01}}))
 
@@ -188,8 +200,8 @@ def main() -> None:
     if a.plain_loop:
         plain_loop(data, weights, kv, Path(a.plain_loop))
         return
-    if "reference_head" in kv and not (a.reference or a.plain_loop):
-        raise SystemExit("--reference-head applies to the plain loop: add --reference")
+    if any(k.startswith("reference_") for k in kv) and not (a.reference or a.plain_loop):
+        raise SystemExit("--reference-head and reference_* settings apply to the plain loop: add --reference")
     warm_cache(data, {**kv, "store_size": 32} if a.reference else kv)
     result = reference(data, weights, kv) if a.reference else ours(data, weights, kv)
     result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
