@@ -140,8 +140,6 @@ def reproduce(stages, plan: BudgetPlan) -> str:
              "anneal": st.anneal, "steps": s["steps"]}
         if st.image_size:
             d["image_size"] = st.image_size
-        if st.start_size:
-            d["start_size"] = st.start_size
         out.append(d)
     return json.dumps(out)
 

@@ -77,7 +77,6 @@ class Stage:
     epochs: int = 0               # set by scaling to the run's total (with `steps`: its validations)
     image_size: int = 0           # this stage's input size, capped by the run's (0: the run's)
     steps: int = 0                # its length in optimizer steps, which may end inside an epoch (0: whole epochs)
-    start_size: int = 0           # progressive resizing: the input size rises from this to the stage's over its steps (0: fixed)
 
 
 @dataclass(frozen=True)
@@ -194,10 +193,9 @@ def _check_stages(stages: tuple[Stage, ...]) -> None:
         if len(st.lr) != len(st.groups):
             raise UserError(f"stage {st.name!r} has {len(st.lr)} learning rate(s) for {len(st.groups)} "
                             f"group(s) ({', '.join(st.groups)}); give one per group.")
-        if (not 0 <= st.warmup < 1 or st.anneal not in ("cos", "linear") or st.share <= 0 or st.image_size < 0
-                or st.steps < 0 or st.start_size < 0):
+        if not 0 <= st.warmup < 1 or st.anneal not in ("cos", "linear") or st.share <= 0 or st.image_size < 0 or st.steps < 0:
             raise UserError(f"stage {st.name!r}: warmup must be in [0, 1), anneal 'cos' or 'linear', share > 0, "
-                            "image_size 0 (the run's) or more, steps 0 (whole epochs) or more, start_size 0 (fixed) or more.")
+                            "image_size 0 (the run's) or more, steps 0 (whole epochs) or more.")
 
 
 def make_config(preset: str = "original", **overrides) -> Config:
@@ -248,7 +246,7 @@ def make_config(preset: str = "original", **overrides) -> Config:
         stages = tuple(Stage(**s) if isinstance(s, dict) else s for s in stages)
     except TypeError as e:
         raise UserError(f"a stage has an unknown or missing field ({e}); a stage has name, share, groups, lr "
-                        "and optionally warmup, anneal, image_size, steps, start_size.") from None
+                        "and optionally warmup, anneal, image_size, steps.") from None
     scale = values.get("lr_scale", 1.0)
     stages = tuple(dataclasses.replace(st, groups=tuple(st.groups), lr=tuple(lr * scale for lr in st.lr)) for st in stages)
     _check_stages(stages)
@@ -303,18 +301,6 @@ def stage_image_size(cfg: Config, stage: Stage) -> int:
     at, and the checkpoint's), or the run's. So `preset=cpu image_size=32` trains at 32 throughout
     and `image_size=128` trains the head at the preset's 64 and the rest at 128."""
     return min(stage.image_size, cfg.image_size) if stage.image_size else cfg.image_size
-
-
-def progressive_size(cfg: Config, stage: Stage, progress: float) -> int:
-    """The input size at `progress` (0 to 1) through a stage: with `start_size`, rising linearly
-    from it to the stage's size, in steps of 8 px (a handful of shapes, each of which a GPU's
-    autotuning times once); else the stage's size. Progressive resizing, as fastai and FFCV train
-    ResNet-50 on ImageNet: the early steps, which move the weights most, cost a fraction."""
-    end = stage_image_size(cfg, stage)
-    if not stage.start_size or stage.start_size >= end:
-        return end
-    size = stage.start_size + (end - stage.start_size) * min(max(progress, 0.0), 1.0)
-    return min(end, int(round(size / 8)) * 8 or 8)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

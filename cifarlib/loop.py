@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress, runtime
-from .config import Config, Stage, progressive_size, stage_image_size, stage_steps
+from .config import Config, Stage, stage_steps
 from .data import Batches
 from .evaluate import logits
 from .model import GROUPS
@@ -163,9 +163,6 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
     started, event = time.perf_counter(), "done"
     try:
         for i, (x, y) in enumerate(bar, start=pos.step):
-            if st.stage.start_size:  # progressive resizing: the size at this batch's place in the stage
-                run.aug.size = progressive_size(run.cfg, st.stage, (run.at.epoch * steps_per_epoch(run) + i // accum)
-                                                / max(stage_steps(st.stage, steps_per_epoch(run)), 1))
             inputs, targets = run.aug(x, y)
             stepping = (i + 1) % accum == 0 or i + 1 == pos.end
             with contextlib.nullcontext() if stepping or not ddp else inner.no_sync():
@@ -199,7 +196,6 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
                 break
     finally:
         pos.train_seconds += time.perf_counter() - started
-        run.aug.size = stage_image_size(run.cfg, st.stage)  # validation and checkpoints: the stage's own size
         bar.close()
     return event
 

@@ -25,14 +25,14 @@ import math
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import runtime
 from .budget import StageCost
-from .config import Stage, stage_image_size
+from .config import stage_image_size
 from .evaluate import logits
 from .loop import apply_stage, make_optimizer, make_schedule, train_loader, train_mode, train_steps
 from .run import Position, Run, StageRun, Trace
@@ -62,8 +62,8 @@ def untouched(run: Run):
         run.aug.size, run.trace = size, trace
 
 
-def _stage_run(run: Run, si: int, schedule_steps: int, stage: Stage | None = None) -> StageRun:
-    stage = stage or run.cfg.stages[si]
+def _stage_run(run: Run, si: int, schedule_steps: int) -> StageRun:
+    stage = run.cfg.stages[si]
     run.aug.size = stage_image_size(run.cfg, stage)
     opt = make_optimizer(run.cfg, apply_stage(run.model, run.groups, stage), run.plan.fused)
     return StageRun(si, stage, run.model, opt, make_schedule(run.cfg, opt, stage, schedule_steps), run.plan.scaler())
@@ -87,25 +87,17 @@ def _validation_seconds(run: Run, size: int, batches: int = 3) -> float:
 def probe(run: Run, stages: range | None = None, steps: int = 8, warmup: int = 2) -> list[StageCost]:
     """The cost of each stage in `stages` (default: all): an optimizer step's seconds, and a
     validation pass's at the stage's size. Leaves no trace (`untouched`). Under torchrun every
-    rank probes; rank 0's times count.
-
-    A progressively resized stage is timed at its first size and its last, and its step costed
-    as the mean over its linear ramp of a cost that grows with the image's area."""
+    rank probes; rank 0's times count."""
     costs = []
     with untouched(run):
         for si in stages if stages is not None else range(len(run.cfg.stages)):
             stage = run.cfg.stages[si]
-            end = stage_image_size(run.cfg, stage)
-            step_s = _step_seconds(run, si, replace(stage, start_size=0), steps, warmup)
-            if stage.start_size and stage.start_size < end:
-                a, b = stage.start_size, end
-                first = _step_seconds(run, si, replace(stage, image_size=a, start_size=0), steps, warmup)
-                step_s = first + (step_s - first) * ((a * a + a * b + b * b) / 3 - a * a) / (b * b - a * a)
-            costs.append(StageCost(stage.name, stage.share, end, step_s, _validation_seconds(run, end)))
+            step_s = _step_seconds(run, si, steps, warmup)
+            costs.append(StageCost(stage.name, stage.share, run.aug.size, step_s, _validation_seconds(run, run.aug.size)))
     return runtime.broadcast_object(costs)
 
 
-def _step_seconds(run: Run, si: int, stage: Stage, steps: int, warmup: int) -> float:
+def _step_seconds(run: Run, si: int, steps: int, warmup: int) -> float:
     """The mean time of `steps` optimizer steps of `stage`, each timed alone after `warmup`
     untimed ones (the first steps at a new shape pay for allocations and the kernels' set-up,
     and were seen to take up to ten times longer), through `loop.train_steps` (augmentation,
@@ -113,7 +105,7 @@ def _step_seconds(run: Run, si: int, stage: Stage, steps: int, warmup: int) -> f
     varied from 0.72 to 1.19 s, and the slow ones count in a run's time too (the median of 5
     steps predicted an epoch 14% short)."""
     loader, accum = train_loader(run), run.cfg.accum_steps
-    st = _stage_run(run, si, warmup + steps, stage)
+    st = _stage_run(run, si, warmup + steps)
     pos = Position(0, loader.order(0), end=0)
     times = []
     for _ in range(warmup + steps):

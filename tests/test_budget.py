@@ -177,14 +177,3 @@ def test_the_finder_on_the_command_line_trains_nothing_and_makes_no_run_folder(t
     plot = out.split("plot: ")[1].strip()
     assert os.path.isfile(plot) and not (tmp_path / "ckpt").exists()
     os.remove(plot)
-
-
-def test_progressive_resizing_rises_in_steps_of_8_and_is_costed_over_its_ramp():
-    cfg = make_config("cpu", stages=json.dumps([{"name": "all", "share": 1, "groups": ["head"], "lr": [1e-3],
-                                                 "image_size": 88, "start_size": 56}]))
-    stage = cfg.stages[0]
-    sizes = [config.progressive_size(cfg, stage, t / 10) for t in range(11)]
-    assert sizes[0] == 56 and sizes[-1] == 88 and sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
-    assert config.progressive_size(cfg, config.dataclasses.replace(stage, start_size=0), 0.0) == 88
-    assert "start_size" in budget.reproduce(cfg.stages, budget.make_plan(
-        [StageCost("all", 1, 88, 0.5, 1.0)], 10, budget_s=60, spent_s=0, save_s=0))
