@@ -7,7 +7,8 @@ preset's budgeted runs and the plain reference loop's runs, from `bench_real.py`
 The preset's runs come from the files given first, the plain loop's from `--reference`. Only runs
 on the whole split (45,000 training photos) are drawn: a subset's figures do not compare. Each point is one run: x, the whole command's minutes as `bench_real.py` timed it; y, the
 validation top-1 after its last epoch. Budgeted runs are labelled with their budget, the others
-with their settings; a dotted line marks each budget. A benchmark's figure, not a test.
+with their settings, each with its date (the machine's speed varies from day to day); a dotted
+line marks each budget. A benchmark's figure, not a test.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def label(r: dict) -> str:
     c = r.get("config", {})
     if r["who"] == "cpu preset":
         b = c.get("budget_minutes") or 0
-        return f"budget {b:g} min" if b else f"cpu preset, {c.get('epochs')} epochs"
+        when = f" ({r['date'][:10]})" if r.get("date") else ""
+        return f"budget {b:g} min{when}" if b else f"cpu preset, {c.get('epochs')} epochs{when}"
     head = ", head at zero" if c.get("head_init") == "zero" else ""
-    return f"plain loop, {c.get('image_size')} px, {c.get('epochs')} epochs{head}"
+    return f"plain loop, {c.get('image_size')} px, {c.get('epochs')} epochs{head} ({r.get('date', '')[:10]})"
 
 
 def draw(rows: list[dict]) -> Figure:
@@ -56,7 +58,8 @@ def draw(rows: list[dict]) -> Figure:
     ax.set_xlabel("whole command, minutes (dotted: the budgets)")
     ax.set_ylabel("validation top-1 (CIFAR-10 photos, 5,000)")
     ax.set_title("EfficientNet-Lite0, real ImageNet weights, 2-core CPU", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.margins(x=0.15, y=0.12)  # room for the labels
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     return fig
 

@@ -80,3 +80,11 @@ def test_real_photo_benchmark_runs_both_sides_on_a_tiny_folder(tmp_path):
     assert reference["who"] == "reference (plain loop)" and reference["config"]["image_size"] == 32
     for r in results:
         assert 0 <= r["val_top1"] <= 1 and r["val_loss"] > 0 and 0 < r["train_val_s"] <= r["command_s"]
+    # plot_real.py draws them: only runs on a whole split (the tiny plain loop trained on 43 photos is left out)
+    (tmp_path / "ours.jsonl").write_text(json.dumps(ours) + "\n")
+    (tmp_path / "reference.jsonl").write_text(json.dumps(reference) + "\n")
+    r = subprocess.run([sys.executable, "benchmarks/plot_real.py", str(tmp_path / "ours.jsonl"), "--reference",
+                        str(tmp_path / "reference.jsonl"), "--out", str(tmp_path / "real.png")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 runs drawn" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
