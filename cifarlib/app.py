@@ -4,6 +4,11 @@ Built on ipywidgets 8; `make app` serves the notebook as a web page (see `cifarl
 upload callback hands each file's bytes to the predictor and shows what comes back; it then clears
 the upload, so that the pictures' bytes are kept neither in the kernel nor in the widget state
 that a saved notebook would store.
+
+The app needs neither torch nor the model's library: it takes any predictor with `store_size`,
+`predict` and `predict_and_explain` (`cifarlib.predict.Predictor`, on PyTorch, or
+`cifarlib.onnxpredict.OnnxPredictor`, on onnxruntime, which the web app's pages run because it
+costs them a sixth of the memory). `page_predictor` picks one for notebook 05.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import html
 import io
 
 import ipywidgets as widgets
-import torch
+import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .explain import overlay
-from .predict import Prediction, Predictor
-from .preprocess import decode, fit
+from .heatmap import overlay
+from .pictures import decode, fit
+from .prediction import Prediction
 
 ACCEPT = ".jpg,.jpeg,.png,.webp"
 MAX_BYTES = 20_000_000  # larger files are refused on their size, before any decoding
@@ -40,15 +45,22 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """uint8 (3, H, W) -> a PIL image."""
-    return Image.fromarray(x.permute(1, 2, 0).numpy())
+def page_predictor(checkpoint: str = "", onnx_model: str = ""):
+    """The predictor notebook 05 runs: the exported `onnx_model` on onnxruntime when one is given
+    (what `make app` serves), else `checkpoint` (or the newest) on PyTorch."""
+    if onnx_model:
+        from .onnxpredict import OnnxPredictor
+        from .runtime import resolve_path
+        return OnnxPredictor.from_export(resolve_path(onnx_model))
+    from .evaluate import newest_checkpoint
+    from .predict import Predictor
+    return Predictor.from_checkpoint(checkpoint or newest_checkpoint())
 
 
-def views(content, size: int) -> tuple[Image.Image, torch.Tensor]:
+def views(content, size: int) -> tuple[Image.Image, np.ndarray]:
     """The picture decoded once (at a scale where both sides stay at least max(2 x `size`,
     `THUMBNAIL`), so that a large JPEG decodes fast and its thumbnail is still sharp), and from that
-    one decode: the thumbnail shown, and the uint8 (3, size, size) image the model sees (made
+    one decode: the thumbnail shown, and the uint8 (size, size, 3) image the model sees (made
     CIFAR-like, at the checkpoint's stored size)."""
     picture = decode(content, max(2 * size, THUMBNAIL))
     seen = fit(picture, size)
@@ -63,7 +75,7 @@ class UploadApp:
     of the top class over the image the model sees, from the same forward pass as the prediction
     (`Predictor.predict_and_explain`)."""
 
-    def __init__(self, predictor: Predictor, top_k: int = 5, explain: bool = True):
+    def __init__(self, predictor, top_k: int = 5, explain: bool = True):
         self.predictor, self.top_k, self.explain = predictor, top_k, explain
         self.size = predictor.store_size  # the size its images were stored at (32 for CIFAR)
         self.upload = widgets.FileUpload(accept=ACCEPT, multiple=True, description="Pictures")
@@ -107,14 +119,13 @@ class UploadApp:
             raise UserError(f"the file is {size / 1e6:.1f} MB, above the limit of {MAX_BYTES / 1e6:.0f} MB; "
                             "save the picture smaller (the model sees it at a few dozen pixels anyway).")
         shown, seen = views(content, self.size)
-        picture = seen.permute(1, 2, 0).numpy()
         big = self.size * max(1, 128 // self.size)
-        images = [shown, to_pil(seen).resize((big, big), Image.NEAREST)]
+        images = [shown, Image.fromarray(seen).resize((big, big), Image.NEAREST)]
         if self.explain:
-            p, heat = self.predictor.predict_and_explain(picture, top_k=self.top_k)
+            p, heat = self.predictor.predict_and_explain(seen, top_k=self.top_k)
             images.append(overlay(seen, heat, big))
         else:
-            p = self.predictor.predict(picture, top_k=self.top_k)
+            p = self.predictor.predict(seen, top_k=self.top_k)
         tags = ("picture", "seen", "looked")
         return p, widgets.HBox([widgets.Image(value=_png(im), format="png", layout=widgets.Layout(margin="0 4px 0 0"))
                                 .add_class(f"cifar-{tag}") for im, tag in zip(images, tags)])

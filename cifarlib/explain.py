@@ -99,16 +99,11 @@ def gradcam(model: nn.Module, images: torch.Tensor, image_size: int, mean, std,
 def overlay(image: torch.Tensor, heat: torch.Tensor | np.ndarray, size: int | None = None,
             alpha: float = 0.5) -> Image.Image:
     """A picture (uint8 (3, h, w)) with its map (h, w) in [0, 1] laid over it in the `jet`
-    colours, blended `alpha`; enlarged to `size` px (the picture nearest, the map bilinear)."""
-    from matplotlib import colormaps
+    colours, blended `alpha`; enlarged to `size` px (the picture nearest, the map bilinear):
+    `cifarlib.heatmap.overlay`, which the web app's pages use without torch."""
+    from .heatmap import overlay as overlay_array
 
-    heat = torch.as_tensor(np.asarray(heat, dtype=np.float32))
-    size = size or image.shape[-1]
-    big = F.interpolate(image.unsqueeze(0).float(), size=(size, size), mode="nearest")[0]
-    heat = F.interpolate(heat[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    colours = torch.from_numpy(colormaps["jet"](heat.clamp(0, 1).numpy())[..., :3]).permute(2, 0, 1).float() * 255
-    out = ((1 - alpha) * big + alpha * colours).round().clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(out.permute(1, 2, 0).numpy())
+    return overlay_array(image.permute(1, 2, 0).cpu().numpy(), np.asarray(heat, dtype=np.float32), size, alpha)
 
 
 def overlaid_mistakes(predictor, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,

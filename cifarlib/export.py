@@ -12,8 +12,9 @@ backbone's normalisation. Its output, `logits`, is float32 (batch, classes). Lef
 is the first half of the rule for user pictures: EXIF rotation, RGB, the shorter side resized to
 the stored size and the centre cropped (the README's "Export and deploy" does it in a dozen lines
 of PIL). The sidecar holds `classes`, `store_size`, `layout` ("NHWC"), `dtype` ("uint8"),
-`backbone`, `version` (cifarlib's), `val_acc` (the checkpoint's), and `image_size`, `input` and
-`outputs` for the curious.
+`backbone`, `version` (cifarlib's), `val_acc` (the checkpoint's), `superclasses` and
+`fine_to_coarse` (CIFAR-100's, to name a prediction's superclass; null for other datasets), and
+`image_size`, `input` and `outputs` for the curious.
 
 `--cams` adds a second output, `cams` (batch, classes, h, w): for every class, the last feature
 map's channels weighted by that class's row of the classifier (class activation maps, Zhou et
@@ -155,6 +156,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
     val_acc = (ckpt.get("metrics") or {}).get("val_acc")
     checkpoints.write_json({"classes": list(ckpt["classes"]), "store_size": size, "layout": "NHWC", "dtype": "uint8",
                             "backbone": ckpt["backbone"], "version": __version__, "val_acc": val_acc,
+                            "superclasses": list(ckpt["superclasses"] or []) or None,
+                            "fine_to_coarse": [int(c) for c in ckpt["fine_to_coarse"]] if ckpt["superclasses"] else None,
                             "image_size": ckpt["image_size"], "input": "images", "outputs": outputs}, sidecar)
     print(f"wrote {out} ({len(data) / 1e6:.1f} MB) and {sidecar.name}; onnxruntime agrees with PyTorch on 7 "
           f"pictures (largest logit difference {diff:.1e})")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,13 +24,8 @@ from . import runtime
 from .errors import UserError, cli_errors
 from .model import from_checkpoint
 from .evaluate import logits
+from .prediction import Prediction, format_prediction  # noqa: F401  (where callers have always found them)
 from .preprocess import CIFAR_SIZE, cifar_like
-
-
-@dataclass
-class Prediction:
-    top: list[tuple[str, float]]   # (class, probability), most probable first
-    superclass: str | None         # the superclass of the top class (CIFAR-100)
 
 
 class Predictor:
@@ -102,13 +96,6 @@ class Predictor:
         scores, maps = gradcam(self.model, batch, self.size, self.mean, self.std)
         out = list(zip(self._top(scores.softmax(1).cpu(), top_k), maps.cpu().numpy().astype(np.float32)))
         return out[0] if single else out
-
-
-def format_prediction(p: Prediction) -> str:
-    lines = [f"  {rank}. {name:<20s} {prob:7.2%}" for rank, (name, prob) in enumerate(p.top, 1)]
-    if p.superclass:
-        lines.append(f"  superclass: {p.superclass}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

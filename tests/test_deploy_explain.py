@@ -151,6 +151,17 @@ def test_exported_cams_are_the_grad_cam_maps(patch_onnx, patch_predictor):
         assert np.abs(cam.numpy() - patch_predictor.explain(picture)).max() < 1e-3
 
 
+def test_the_web_apps_onnx_predictor_gives_explains_maps(patch_onnx, patch_predictor):
+    """What the web app's pages run (cifarlib.onnxpredict, without torch), on an 8x8 map: Predictor's
+    predictions and Grad-CAM maps, for every picture of a batch."""
+    from cifarlib.onnxpredict import OnnxPredictor
+    pictures = [patch_picture(c, 70 + i) for i, c in enumerate(COLOURS.values())]
+    got = OnnxPredictor.from_export(patch_onnx[0]).predict_and_explain(pictures, top_k=3)
+    for (p, heat), (q, want) in zip(got, patch_predictor.predict_and_explain(pictures, top_k=3)):
+        assert [n for n, _ in p.top] == [n for n, _ in q.top] and np.allclose([v for _, v in p.top], [v for _, v in q.top], atol=1e-4)
+        assert heat.shape == (STORE, STORE) and 0 <= heat.min() and heat.max() <= 1 and np.abs(heat - want).max() < 1e-3
+
+
 def run_cli(args, capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
         export.main([str(a) for a in args])
