@@ -76,16 +76,24 @@ train: $(STAMP)
 
 # make app             notebook 05 as a web page (Voila) at http://HOST:PORT/, stopped with Ctrl-C
 # make app CHECKPOINT=checkpoints/RUN/best.pt HOST=0.0.0.0 PORT=8000
+# make app MAX_VISITORS=8 POOL=2 CULL_IDLE=60   pages at once (empty: what the memory holds), preheated
+#                      pages, and the seconds a page's kernel outlives its page once the page is gone
+#                      (APP_ARGS: more options of python -m cifarlib.serve, such as --torch)
 # make app-screenshot CHECKPOINT=checkpoints/RUN/best.pt  docs/app.png (at most SCREENSHOT_MAX bytes), from the
 #                      browser test's runs/app.png of that model predicting photos of its own validation split
 HOST ?= 127.0.0.1
 PORT ?= 8866
 CHECKPOINT ?=
+MAX_VISITORS ?=
+POOL ?= 2
+CULL_IDLE ?= 60
+APP_ARGS ?=
 SCREENSHOT_MAX := 204800
 .PHONY: app app-screenshot
 
 app: $(STAMP)
-	$(BIN)/python -m cifarlib.serve --host '$(HOST)' --port '$(PORT)' --checkpoint '$(CHECKPOINT)'
+	$(BIN)/python -m cifarlib.serve --host '$(HOST)' --port '$(PORT)' --checkpoint '$(CHECKPOINT)' \
+		--max-visitors '$(or $(MAX_VISITORS),0)' --pool '$(POOL)' --cull-idle '$(CULL_IDLE)' $(APP_ARGS)
 
 app-screenshot: $(STAMP)
 	@test -n "$(CHECKPOINT)" || { echo "usage: make app-screenshot CHECKPOINT=checkpoints/RUN/best.pt (the README's: checkpoints/cifar10-lite0/best.pt)"; exit 2; }

@@ -1,12 +1,24 @@
 """Notebook 05 as a web page, served by Voilà: `make app`, or
 
-    python -m cifarlib.serve [--checkpoint PATH] [--host 127.0.0.1] [--port 8866]
+    python -m cifarlib.serve [--checkpoint PATH] [--host 127.0.0.1] [--port 8866] [--max-visitors N]
+                             [--pool 2] [--cull-idle 60] [--cull-interval 10]
 
 The checkpoint (by default the newest best.pt under checkpoints/) is checked first: with no
-usable one, this exits with one message before any server starts. It is then injected into a copy
-of the notebook as `papermill --prepare-only ... -p checkpoint PATH` would do, in runs/app/, and
-Voilà serves that copy at http://HOST:PORT/: visitors see the notebook's text, outputs and
-widgets, never its code, tracebacks or parameters, and cannot change them.
+usable one, this exits with one message before any server starts. It is then exported to ONNX
+with its activation maps (`cifarlib.export --cams`, once per checkpoint, kept beside the prepared
+notebook), so that each page runs it on onnxruntime without importing torch: a quarter of
+the memory per page (`cifarlib.onnxpredict` says why). A checkpoint that cannot be exported so (a
+head that is not average pooling and one linear layer, or onnx not installed) is served on
+PyTorch instead, with a notice. The checkpoint and the model are injected into a copy of the
+notebook as `papermill --prepare-only ... -p checkpoint PATH -p onnx_model MODEL` would do, in
+runs/app/. Voilà then serves that copy at http://HOST:PORT/ (`cifarlib.appserver`, which this
+process becomes, so that the memory the checks took is given back): visitors see the notebook's
+text, outputs and widgets, never its code, tracebacks or parameters, and cannot change them.
+
+How many visitors at once: `--max-visitors`, by default what the memory available at start
+holds, 1 GB kept free, at a page's measured cost (`PAGE_MB`, plus the model's weights) with the
+pool's kernels counted first. The pool, the culling of kernels whose pages are gone, and the
+busy page past the limit are `cifarlib.appserver`'s.
 
 `FileUpload` sends a whole selection in one websocket message, which tornado cuts at 10 MiB by
 default; the server raises that to `MAX_MESSAGE` (100 MB), so a selection larger than that
@@ -16,15 +28,28 @@ cannot reach the app.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import sys
 from pathlib import Path
 
-from . import runtime
+from . import __version__, runtime
 from .errors import UserError, cli_errors
 
 NOTEBOOK = "notebooks/05_inference_widget.ipynb"
 PREPARED = "runs/app/05_inference_widget.ipynb"
+# A page's memory beyond the model's weights, in MB: what one more page adds, the unique memory
+# (USS) of a page's kernel after an upload while other pages run (the libraries' code is shared
+# between them), with EfficientNet-Lite0 at most 112 MB on onnxruntime and 496 on PyTorch, 14 of
+# them its weights (benchmarks/bench_app.py; benchmarks/README.md, "The web app under load").
+PAGE_MB = {"onnx": 130, "torch": 490}
+RESERVE_MB = 1024  # kept free for the server, the system and whatever else runs there
+POOL = 2  # preheated kernels: each holds a page's memory while it waits
+# A kernel whose page is gone (closed without telling the server, or no longer answering its pings)
+# ends after CULL_IDLE s idle, checked every CULL_INTERVAL s; one whose page is connected never
+# does. Why these values: cifarlib.appserver's docstring.
+CULL_IDLE, CULL_INTERVAL = 60, 10
 MAX_MESSAGE = 100_000_000  # bytes; tornado's default is 10 MiB
 REMEDY = ("`make demo` writes a small one in about a minute (checkpoints/demo/best.pt), and a training run "
           "(make train, or notebook 03) a real one; or pass CHECKPOINT=path/to/best.pt.")
@@ -50,13 +75,53 @@ def pick_checkpoint(path: str | None = None, root: str = "checkpoints") -> Path:
     return path
 
 
-def prepare(checkpoint: Path, out: str = PREPARED) -> Path:
-    """A copy of notebook 05 with `checkpoint` injected as its parameter, as papermill's --prepare-only."""
+def page_model(checkpoint: Path, folder: Path) -> Path | None:
+    """The checkpoint exported with its activation maps (`folder`/model.onnx), exported again only
+    when the checkpoint changed; None, with a notice, when it cannot be (the pages then run PyTorch)."""
+    from .export import export
+
+    out, stamp = folder / "model.onnx", folder / "model.onnx.source"
+    st = checkpoint.stat()
+    source = {"checkpoint": str(checkpoint), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "cifarlib": __version__}
+    try:
+        if json.loads(stamp.read_text()) == source and out.is_file() and out.with_name(out.name + ".json").is_file():
+            return out
+    except (OSError, ValueError):
+        pass
+    print(f"Exporting {checkpoint} to ONNX for the pages (once per checkpoint)...", flush=True)
+    try:
+        export(checkpoint, out, cams=True)
+    except Exception as e:  # the app still serves: on PyTorch, as before there was an export
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e} (a bug: please report it)"
+        print(f"Serving on PyTorch instead, about {PAGE_MB['torch']} MB a page rather than {PAGE_MB['onnx']}: {why}",
+              flush=True)
+        return None
+    stamp.write_text(json.dumps(source))
+    return out
+
+
+def page_mb(checkpoint: Path, onnx_model: Path | None) -> int:
+    """A page's memory: the measured cost of its kernel, plus the model's weights (the file's size)."""
+    return PAGE_MB["onnx" if onnx_model else "torch"] + round((onnx_model or checkpoint).stat().st_size / 1e6)
+
+
+def default_max_visitors(page: int, pool: int) -> tuple[int, int]:
+    """(visitors the available memory holds, that memory in MB), RESERVE_MB and the pool counted first."""
+    import psutil
+
+    available = psutil.virtual_memory().available // 1_000_000
+    return max(1, (available - RESERVE_MB) // page - pool), available
+
+
+def prepare(checkpoint: Path, out: str = PREPARED, onnx_model: Path | None = None) -> Path:
+    """A copy of notebook 05 with `checkpoint` (and `onnx_model`, when there is one) injected as its
+    parameters, as papermill's --prepare-only."""
     import papermill as pm
 
     out_path = runtime.resolve_path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(runtime.resolve_path(NOTEBOOK)), str(out_path), parameters={"checkpoint": str(checkpoint)},
+    parameters = {"checkpoint": str(checkpoint), **({"onnx_model": str(onnx_model)} if onnx_model else {})}
+    pm.execute_notebook(str(runtime.resolve_path(NOTEBOOK)), str(out_path), parameters=parameters,
                         prepare_only=True, progress_bar=False, log_output=False)
     return out_path
 
@@ -71,34 +136,45 @@ def check_port_free(host: str, port: int) -> None:
                         f"Stop it, or choose another port: make app PORT={port + 1}.") from None
 
 
-def serve(notebook: Path, host: str, port: int) -> None:
-    """Run Voilà on `notebook` until interrupted (Ctrl-C or SIGTERM)."""
-    from voila.app import Voila
-
-    # the kernels start in the notebook's folder: let them import the cifarlib that checked the checkpoint
-    here = str(Path(__file__).resolve().parents[1])
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-
-    argv = [str(notebook), "--no-browser", f"--Voila.ip={host}", f"--Voila.port={port}", "--Voila.port_retries=0",
-            "--VoilaConfiguration.show_tracebacks=False", "--VoilaConfiguration.strip_sources=True"]
-    Voila.launch_instance(argv=argv, tornado_settings={"websocket_max_message_size": MAX_MESSAGE})
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cifarlib.serve", description="Serve notebook 05 as a web page (Voilà).")
     ap.add_argument("--checkpoint", default="", help="a best.pt (default: the newest under checkpoints/)")
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=8866)
-    ap.add_argument("--prepared", default=PREPARED, help="where to write the notebook with its parameter injected")
+    ap.add_argument("--prepared", default=PREPARED, help="where to write the notebook with its parameters injected "
+                                                         "(the exported model goes beside it)")
+    ap.add_argument("--max-visitors", type=int, default=0,
+                    help="the most pages at once; past it, a busy page (default: what the available memory holds)")
+    ap.add_argument("--pool", type=int, default=POOL, help="preheated kernels, ready before a visitor comes")
+    ap.add_argument("--cull-idle", type=int, default=CULL_IDLE,
+                    help="seconds a kernel whose page is gone may stay idle before it is ended")
+    ap.add_argument("--cull-interval", type=int, default=CULL_INTERVAL, help="seconds between checks for those")
+    ap.add_argument("--torch", action="store_true", help="run the pages on PyTorch, not on the exported model")
     args = ap.parse_args(argv)
     with cli_errors(ap.prog):
+        if args.max_visitors < 0 or args.pool < 0 or args.cull_idle < 1 or args.cull_interval < 1:
+            raise UserError("--max-visitors and --pool must be 0 or more, --cull-idle and --cull-interval 1 or more.")
         checkpoint = pick_checkpoint(args.checkpoint)
         check_port_free(args.host, args.port)
-        notebook = prepare(checkpoint, args.prepared)
-    url_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Serving notebook 05 with {checkpoint}\nOpen http://{url_host}:{args.port}/ in a browser "
-          "(Ctrl-C stops the server).", flush=True)
-    serve(notebook, args.host, args.port)
+        folder = runtime.resolve_path(args.prepared).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx_model = None if args.torch else page_model(checkpoint, folder)
+        notebook = prepare(checkpoint, args.prepared, onnx_model)
+    page = page_mb(checkpoint, onnx_model)
+    limit, available = default_max_visitors(page, args.pool)
+    why = f"a page costs about {page} MB; {available / 1000:.1f} GB is available, {RESERVE_MB / 1000:.0f} GB kept free"
+    if args.max_visitors:
+        limit, why = args.max_visitors, f"as asked; {why}"
+    print(f"Serving notebook 05 with {checkpoint}, on {'onnxruntime' if onnx_model else 'PyTorch'}\n"
+          f"Up to {limit} visitors at once ({why}), and {args.pool} preheated pages; a page's kernel ends when "
+          f"its page is closed, or {args.cull_idle}-{args.cull_idle + args.cull_interval} s after its page is gone.",
+          flush=True)
+    # this process becomes the server: the memory that checking and exporting took is given back
+    here = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "cifarlib.appserver", str(notebook), "--host", args.host,
+                              "--port", str(args.port), "--max-visitors", str(limit), "--pool", str(args.pool),
+                              "--cull-idle", str(args.cull_idle), "--cull-interval", str(args.cull_interval)])
 
 
 if __name__ == "__main__":

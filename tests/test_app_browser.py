@@ -2,8 +2,10 @@
 driven by playwright.
 
 One server per module, started as `make app` starts it (`python -m cifarlib.serve`), serving a
-checkpoint the suite trains. Each test opens a fresh page, so a fresh kernel, and uploads through
-the page's own file chooser as a user does. After each test the page must show no traceback or
+checkpoint the suite trains (exported once for all the servers of the session), and a second one
+with a limit of one visitor, a pool of one and culling after 10 s, for the tests of what visitors
+leave behind and of the busy page. Each test opens a fresh page, so a fresh kernel, and uploads
+through the page's own file chooser as a user does. After each test the page must show no traceback or
 error text, its console no error outside `ALLOWED_CONSOLE_ERRORS`, and the server no dead kernel.
 Without /usr/bin/chromium the tests skip, except in CI (`CI` set), where they fail.
 """
@@ -88,6 +90,7 @@ def port_open(port: int) -> bool:
 class Server:
     url: str
     log: Path
+    pid: int
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -117,18 +120,37 @@ def stop(proc: subprocess.Popen, port: int) -> None:
         time.sleep(0.2)
 
 
+def prepared_in(tmp_path_factory) -> Path:
+    """Where the servers of the session prepare the notebook: its model is exported there once."""
+    folder = tmp_path_factory.getbasetemp() / "app-model"
+    folder.mkdir(exist_ok=True)
+    return folder / "05_inference_widget.ipynb"
+
+
 @pytest.fixture(scope="module")
 def server(trained_checkpoint, tmp_path_factory):
     """`python -m cifarlib.serve`, as `make app` runs it, on a free port; always stopped after the module."""
-    with serving(trained_checkpoint, tmp_path_factory.mktemp("app")) as s:
+    with serving(trained_checkpoint, tmp_path_factory.mktemp("app"), prepared=prepared_in(tmp_path_factory)) as s:
+        yield s
+
+
+CULL_IDLE, CULL_INTERVAL = 10, 1  # the small server's, seconds
+
+
+@pytest.fixture(scope="module")
+def small_server(trained_checkpoint, tmp_path_factory):
+    """The app with room for one visitor, one preheated page, and kernels culled 10-11 s after their page is gone."""
+    with serving(trained_checkpoint, tmp_path_factory.mktemp("small"), "--max-visitors", "1", "--pool", "1",
+                 "--cull-idle", str(CULL_IDLE), "--cull-interval", str(CULL_INTERVAL),
+                 prepared=prepared_in(tmp_path_factory)) as s:
         yield s
 
 
 @contextmanager
-def serving(checkpoint: Path, tmp: Path):
+def serving(checkpoint: Path, tmp: Path, *options: str, prepared: Path | None = None):
     port, log = free_port(), tmp / "server.log"
     cmd = [sys.executable, "-m", "cifarlib.serve", "--checkpoint", str(checkpoint), "--port", str(port),
-           "--prepared", str(tmp / "05_inference_widget.ipynb")]
+           "--prepared", str(prepared or tmp / "05_inference_widget.ipynb"), *options]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -138,8 +160,9 @@ def serving(checkpoint: Path, tmp: Path):
             assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()}"
             assert time.monotonic() < deadline, f"no server at {url} after 120 s:\n{log.read_text()}"
             time.sleep(0.2)
-        assert urllib.request.urlopen(url, timeout=60).status == 200
-        yield Server(url, log)
+        # the server answers (a file of Voilà's, which starts no kernel: a page would hold one of the visitors)
+        assert urllib.request.urlopen(url + "voila/static/voila.js", timeout=60).status == 200
+        yield Server(url, log, proc.pid)
     finally:
         stop(proc, port)
 
@@ -330,3 +353,66 @@ def test_a_21_mb_file_gets_a_message_and_the_picture_beside_it_a_prediction(app,
     blocks = app.upload(big, pictures["made"])  # one websocket message above tornado's default 10 MiB
     assert "big.png: the file is 21.0 MB, above the limit of 20 MB" in blocks[0].inner_text()
     assert_predicted(blocks[1], pictures["made"], predictor)
+
+
+def kernels(server: Server) -> int:
+    """The server's running kernels (its child processes that are ipykernels)."""
+    import psutil
+
+    alive = []
+    for child in psutil.Process(server.pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "ipykernel" in " ".join(child.cmdline()):
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return len(alive)
+
+
+def wait_for_kernels(server: Server, n: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (k := kernels(server)) != n:
+        assert time.monotonic() < deadline, f"{k} kernels, not {n}, after {timeout_s} s:\n{server.log_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_a_page_closed_without_a_word_has_its_kernel_ended_by_the_culler(browser, small_server):
+    """A page closed as a tab crashes or a laptop is shut: no beforeunload, so no beacon asks the
+    server to end the kernel. The culler ends it once it has been idle without a page."""
+    wait_for_kernels(small_server, 1)  # the pool
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(small_server.url, timeout=60_000)
+    page.get_by_role("button", name=re.compile(r"Pictures \(\d+\)")).wait_for(timeout=60_000)
+    wait_for_kernels(small_server, 2)  # the page's, and the pool's new one
+    page.close()  # run_before_unload=False: what the culler must handle
+    context.close()
+    wait_for_kernels(small_server, 1, timeout_s=CULL_IDLE + CULL_INTERVAL + 30)
+    assert re.search(r"Culling '\w+' kernel .* with 0 connections", small_server.log_text())
+
+
+def test_a_visitor_past_the_limit_gets_the_busy_page_and_the_app_once_there_is_room(browser, small_server):
+    """With a limit of one visitor; the first leaves as a closed tab does (beforeunload runs: the
+    page's beacon asks the server to end its kernel, which Voilà alone refuses without a token)."""
+    wait_for_kernels(small_server, 1)
+    context = browser.new_context()
+    late = context.new_page()
+    log_from = len(small_server.log_text())
+    with open_app(browser, small_server):  # the one visitor the server holds
+        wait_for_kernels(small_server, 2)  # its kernel, and the pool's new one
+        response = late.goto(small_server.url, timeout=10_000)  # at once: it must not wait for a kernel
+        text = late.inner_text("body")
+        assert response.status == 503 and response.headers["retry-after"] == "30", (response.status, text)
+        assert "The app is busy" in text and "Please try again shortly" in text and "tries again by itself" in text
+        assert kernels(small_server) == 2  # no kernel was started for the busy page
+    wait_for_kernels(small_server, 1)  # the first visitor left
+    log = small_server.log_text()[log_from:]
+    assert "Kernel shutdown" in log and "Culling" not in log and "403 POST /voila/api/shutdown" not in log, log
+    # the process is gone a moment before the server has finished with it: try again, as the busy page does
+    deadline = time.monotonic() + 20
+    while (status := late.reload(timeout=60_000).status) == 503 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status == 200, f"still busy 20 s after the visitor left:\n{small_server.log_text()[-3000:]}"
+    late.get_by_role("button", name=re.compile(r"Pictures \(\d+\)")).wait_for(timeout=60_000)
+    late.goto("about:blank")
+    context.close()

@@ -44,14 +44,66 @@ def test_the_newest_best_pt_is_served_by_default(tmp_path, trained_checkpoint):
     assert serve.pick_checkpoint(str(trained_checkpoint)) == trained_checkpoint
 
 
-def test_the_checkpoint_is_injected_as_papermill_does(tmp_path, trained_checkpoint):
+def test_the_checkpoint_and_its_model_are_injected_as_papermill_does(tmp_path, trained_checkpoint):
     pytest.importorskip("papermill", reason="needs papermill")
-    out = serve.prepare(trained_checkpoint, str(tmp_path / "app" / "05.ipynb"))
-    nb = json.loads(out.read_text())
-    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
-    assert len(injected) == 1 and f'checkpoint = "{trained_checkpoint}"' in "".join(injected[0]["source"])
-    assert nb["metadata"]["papermill"]["parameters"] == {"checkpoint": str(trained_checkpoint)}
-    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")  # prepared, not run
+    model = tmp_path / "model.onnx"
+    for onnx_model, expected in ((model, {"checkpoint": str(trained_checkpoint), "onnx_model": str(model)}),
+                                 (None, {"checkpoint": str(trained_checkpoint)})):  # PyTorch: the notebook's default
+        out = serve.prepare(trained_checkpoint, str(tmp_path / "app" / "05.ipynb"), onnx_model)
+        nb = json.loads(out.read_text())
+        injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+        assert len(injected) == 1 and f'checkpoint = "{trained_checkpoint}"' in "".join(injected[0]["source"])
+        assert nb["metadata"]["papermill"]["parameters"] == expected
+        assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")  # prepared, not run
+
+
+def fake_export(calls):
+    """cifarlib.export.export as far as page_model sees it: the two files, and the call counted."""
+    def export(checkpoint, out, cams=False):
+        calls.append((checkpoint, out, cams))
+        out.write_bytes(b"onnx")
+        out.with_name(out.name + ".json").write_text("{}")
+        return out, out.with_name(out.name + ".json")
+    return export
+
+
+def test_the_pages_model_is_exported_once_and_again_when_the_checkpoint_changes(tmp_path, trained_checkpoint,
+                                                                                 monkeypatch):
+    from cifarlib import export
+    calls = []
+    monkeypatch.setattr(export, "export", fake_export(calls))
+    checkpoint = tmp_path / "best.pt"
+    shutil.copy(trained_checkpoint, checkpoint)
+    folder = tmp_path / "app"
+    folder.mkdir()
+    assert serve.page_model(checkpoint, folder) == folder / "model.onnx" and calls == [(checkpoint, folder / "model.onnx", True)]
+    assert serve.page_model(checkpoint, folder) == folder / "model.onnx" and len(calls) == 1  # kept
+    os.utime(checkpoint, ns=(1, 1))  # a new checkpoint in the same place
+    assert serve.page_model(checkpoint, folder) == folder / "model.onnx" and len(calls) == 2
+    (folder / "model.onnx.json").unlink()  # a half-copied folder
+    serve.page_model(checkpoint, folder)
+    assert len(calls) == 3
+
+
+def test_a_checkpoint_that_cannot_be_exported_is_served_on_pytorch_with_a_notice(tmp_path, trained_checkpoint,
+                                                                                 monkeypatch, capsys):
+    from cifarlib import export
+
+    def refuse(*a, **k):
+        raise UserError("--cams needs a head of global average pooling and one linear layer; export without it.")
+    monkeypatch.setattr(export, "export", refuse)
+    assert serve.page_model(trained_checkpoint, tmp_path) is None
+    out = capsys.readouterr().out
+    assert "Serving on PyTorch instead" in out and "--cams needs a head" in out
+    assert serve.page_mb(trained_checkpoint, None) == serve.PAGE_MB["torch"] + round(trained_checkpoint.stat().st_size / 1e6)
+
+
+def test_the_visitor_limit_is_what_the_available_memory_holds(monkeypatch):
+    import psutil
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 20_000_000_000})())
+    assert serve.default_max_visitors(200, pool=2) == ((20_000 - serve.RESERVE_MB) // 200 - 2, 20_000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 900_000_000})())
+    assert serve.default_max_visitors(200, pool=2) == (1, 900)  # never less than one
 
 
 def test_a_busy_port_is_a_clear_error_instead_of_another_port():
@@ -59,6 +111,13 @@ def test_a_busy_port_is_a_clear_error_instead_of_another_port():
         port = busy.getsockname()[1]
         with pytest.raises(UserError, match=rf"127.0.0.1:{port}.*make app PORT={port + 1}"):
             serve.check_port_free("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("args", [["--pool", "-1"], ["--max-visitors", "-2"], ["--cull-idle", "0"]])
+def test_bad_settings_exit_2_with_one_line(args, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cifarlib.serve", *args, "--prepared", str(tmp_path / "05.ipynb")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--max-visitors and --pool must be" in r.stderr
 
 
 def test_cli_exits_2_with_one_line_before_starting_voila(tmp_path):
