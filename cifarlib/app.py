@@ -8,7 +8,7 @@ that a saved notebook would store.
 The app needs neither torch nor the model's library: it takes any predictor with `store_size`,
 `predict` and `predict_and_explain` (`cifarlib.predict.Predictor`, on PyTorch, or
 `cifarlib.onnxpredict.OnnxPredictor`, on onnxruntime, which the web app's pages run because it
-costs them a sixth of the memory). `page_predictor` picks one for notebook 05.
+costs them a quarter of the memory). `page_predictor` picks one for notebook 05.
 """
 
 from __future__ import annotations

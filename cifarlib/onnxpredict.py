@@ -8,12 +8,14 @@ The same interface as `cifarlib.predict.Predictor` for what the upload app needs
 CIFAR-like by the same rule (`cifarlib.pictures`), the graph does the resize and normalisation,
 and the map of the top class is Grad-CAM's, from the export's `cams` output (`cifarlib.heatmap`).
 
-Why: this is what the web app's pages run. A page that imports torch to run the model holds about
-six times the memory of one that runs the exported model with onnxruntime (with EfficientNet-Lite0,
-818 MB of its own against 141 MB), is ready in a tenth of the time (0.7 s against 5.8 s) and
-answers an upload faster (14 ms against 31), measured by benchmarks/bench_page.py
-(benchmarks/README.md, "The web app under load"); on a shared server, memory is the number of
-visitors it can hold at once. Each session runs on one thread, without spinning: a server's pages
+Why: this is what the web app's pages run. A page that imports torch to run the model holds four
+to six times the memory of one that runs the exported model with onnxruntime: with
+EfficientNet-Lite0, 818 MB against 141 in a process of its own (benchmarks/bench_page.py), and
+496 MB against 112 for each more page of a served app, whose pages share the libraries' code
+(benchmarks/bench_app.py). It is also ready in a tenth of the time (0.7 s against 5.8 s) and
+answers an upload faster (14 ms against 31); 8 visitors at once had their answers within 29 s
+against 78 (benchmarks/README.md, "The web app under load"). On a shared server, memory is the
+number of visitors it can hold at once. Each session runs on one thread, without spinning: a server's pages
 share its cores, and onnxruntime's default (a spinning thread per core, per page) would have every
 idle page compete with the one that is answering.
 """

@@ -2,9 +2,9 @@
 
 The rule (the module docstring of `cifarlib.preprocess` gives it whole) applied with PIL and numpy
 alone, so that the web app's pages, which run their model with onnxruntime, need not import torch
-(torch, timm and torchvision are about 700 of the 820 MB a page on PyTorch holds, benchmarks/README.md,
-"The web app under load"). `cifarlib.preprocess` re-exports these and wraps `fit` for torch: there
-is one implementation of the rule.
+(torch, timm and torchvision are about 700 of the 820 MB a page on PyTorch holds in a process of
+its own, benchmarks/README.md, "The web app under load"). `cifarlib.preprocess` re-exports
+these and wraps `fit` for torch: there is one implementation of the rule.
 """
 
 from __future__ import annotations
