@@ -24,7 +24,7 @@ from . import runtime
 from .errors import UserError, cli_errors
 from .model import from_checkpoint
 from .evaluate import logits
-from .prediction import Prediction, format_prediction  # noqa: F401  (where callers have always found them)
+from .prediction import Prediction, format_prediction, top_predictions  # noqa: F401  (Prediction, format_prediction: where callers have always found them)
 from .preprocess import CIFAR_SIZE, cifar_like
 
 
@@ -48,18 +48,8 @@ class Predictor:
 
         A picture that can't be used raises `UserError` with the reason.
         """
-        if top_k < 1:
-            raise UserError(f"top_k must be at least 1, not {top_k}.")
-        single = not isinstance(images, (list, tuple))
-        if not single and not images:
-            raise UserError("no pictures given.")
-        pictures = [images] if single else images
-        batch = torch.stack([cifar_like(im, self.store_size) for im in pictures]).to(self.device)
-        probs = logits(self.model, batch, self.size, self.mean, self.std).softmax(1).cpu()
-        values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
-        out = [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
-                          self.superclasses[self.fine_to_coarse[ix[0]]] if self.superclasses else None)
-               for v, ix in zip(values, idx)]
+        single, batch = self._pictures(images, top_k)
+        out = self._top(logits(self.model, batch, self.size, self.mean, self.std).softmax(1).cpu(), top_k)
         return out[0] if single else out
 
     def _pictures(self, images, top_k: int = 1) -> tuple[bool, torch.Tensor]:
@@ -73,10 +63,7 @@ class Predictor:
         return single, torch.stack([cifar_like(im, self.store_size) for im in pictures]).to(self.device)
 
     def _top(self, probs: torch.Tensor, top_k: int) -> list[Prediction]:
-        values, idx = probs.topk(min(top_k, probs.shape[1]), 1)
-        return [Prediction([(self.classes[i], p) for i, p in zip(ix.tolist(), v.tolist())],
-                           self.superclasses[self.fine_to_coarse[ix[0]]] if self.superclasses else None)
-                for v, ix in zip(values, idx)]
+        return top_predictions(probs.float().numpy(), top_k, self.classes, self.superclasses, self.fine_to_coarse)
 
     def explain(self, images, class_index: int | list[int] | None = None):
         """Where the model looked (Grad-CAM, `cifarlib.explain`): one picture, as `predict` takes it,
