@@ -29,6 +29,14 @@ from .model import from_checkpoint
 from .preprocess import evaluation_inputs
 
 
+def confident_mistakes(probs: torch.Tensor, labels: torch.Tensor, n: int = 16):
+    """The `n` wrong predictions made with the highest confidence, most confident first: their
+    indices, with every row's confidence and predicted class (the gallery and its maps share it)."""
+    conf, pred = probs.max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    return wrong[conf[wrong].argsort(descending=True)[:n]], conf, pred
+
+
 def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     k = min(k, probs.shape[1])
     return (probs.topk(k, 1).indices == labels.unsqueeze(1)).any(1).float().mean().item()

@@ -110,9 +110,9 @@ def overlaid_mistakes(predictor, images: torch.Tensor, probs: torch.Tensor, labe
                       n: int = 16) -> torch.Tensor:
     """A copy of `images` (uint8 (N, 3, h, w)) in which the `n` most confident mistakes (those
     `plots.confident_mistakes` shows) carry the map of the class they were mistaken for."""
-    conf, pred = probs.max(1)
-    wrong = (pred != labels).nonzero().flatten()
-    pick = wrong[conf[wrong].argsort(descending=True)[:n]]
+    from .evaluate import confident_mistakes
+
+    pick, _, pred = confident_mistakes(probs, labels, n)
     out = images.clone()
     if len(pick):
         dev = predictor.device

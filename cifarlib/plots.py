@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
+from . import evaluate
 from .data import CifarData, Split
 
 
@@ -221,9 +222,8 @@ def reliability_diagram(bins: list[dict[str, float]], ece: float):
 
 def confident_mistakes(images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, names: list[str], n: int = 16):
     """The `n` wrong predictions made with the highest confidence: image, truth, guess, confidence."""
-    conf, pred = probs.max(1)
-    wrong = (pred != labels).nonzero().flatten()
-    pick = wrong[conf[wrong].argsort(descending=True)[:n]].tolist()
+    pick, conf, pred = evaluate.confident_mistakes(probs, labels, n)
+    pick = pick.tolist()
     if not pick:
         fig, ax = plt.subplots(figsize=(4, 1))
         ax.axis("off")
