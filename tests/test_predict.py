@@ -94,18 +94,24 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, trained_checkpoint):
         Predictor.from_checkpoint(tmp_path / "other.pt")
 
 
-def test_cli_prints_a_table_per_image_and_fails_on_bad_ones(trained_checkpoint, picture, tmp_path):
+def test_cli_prints_a_table_per_image_and_fails_on_bad_ones(trained_checkpoint, picture, tmp_path, capsys):
+    """One real process (the module's entry point, its exit status, no traceback); the other
+    cases call the same `main` in this process."""
+    from cifarlib.predict import main
     picture.save(tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    cmd = [sys.executable, "-m", "cifarlib.predict", str(trained_checkpoint), str(tmp_path / "good.png")]
-    ok = subprocess.run(cmd + ["--top-k", "3", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and "good.png" in ok.stdout and "  3. " in ok.stdout and "superclass:" in ok.stdout
-    bad = subprocess.run(cmd + [str(tmp_path / "bad.jpg")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "good.png" in bad.stdout
-    assert "bad.jpg: not a usable image" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "cifarlib.predict", str(tmp_path / "no.pt"), str(tmp_path / "good.png")],
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    good, bad = str(tmp_path / "good.png"), str(tmp_path / "bad.jpg")
+    done = subprocess.run([sys.executable, "-m", "cifarlib.predict", str(trained_checkpoint), good, bad, "--top-k", "3",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "good.png" in done.stdout and "  3. " in done.stdout and "  4. " not in done.stdout
+    assert "superclass:" in done.stdout
+    assert "bad.jpg: not a usable image" in done.stderr and "Traceback" not in done.stderr
+    main([str(trained_checkpoint), good])  # all usable: no exit status to raise
+    out = capsys.readouterr().out
+    assert "good.png" in out and "  5. " in out
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "no.pt"), good])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 def upload(*files):

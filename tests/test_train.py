@@ -20,7 +20,8 @@ TINY = dict(dataset="synthetic", weights="none", backbone="test_resnet", image_s
 
 
 def tiny_cfg(tmp_path, **kw):
-    return make_config(kw.pop("preset", "cpu"), **{**TINY, "data_dir": str(tmp_path / "data"),
+    """A tiny run in `tmp_path`; its synthetic data is written once for the session (as test_budget's)."""
+    return make_config(kw.pop("preset", "cpu"), **{**TINY, "data_dir": str(tmp_path.parent / "data"),
                                                     "checkpoint_dir": str(tmp_path / "ckpt"), "run_name": "r", **kw})
 
 
@@ -279,11 +280,14 @@ def test_every_backbone_maps_onto_six_contiguous_groups(backbone):
     assert all(isinstance(net.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Linear) for n in groups["head"])
 
 
-def test_cli_help_and_bad_settings(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cifarlib.train", "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "epochs=100" in out.stdout and "max_train_samples=None" in out.stdout
+def test_cli_help_and_bad_settings(capsys):
+    """A bad setting in a real process (the entry point, exit status 2, no traceback); --help
+    through the same `main` in this process."""
     bad = subprocess.run([sys.executable, "-m", "cifarlib.train", "epoch=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown setting(s) epoch" in bad.stderr and "Traceback" not in bad.stderr
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "epochs=100" in out and "max_train_samples=None" in out
 
 
 def test_offline_timm_weights_fail_fast_with_the_same_remedies(tmp_path, monkeypatch):
