@@ -1,5 +1,6 @@
 import errno
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,6 +37,18 @@ def trained_checkpoint(tmp_path_factory):
     for _ in train.epochs(run):
         pass
     return run.dir / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def app_model(trained_checkpoint, tmp_path_factory):
+    """The suite's checkpoint exported for the app's pages by `serve.page_model`, once, in this
+    process: tests/test_onnx_page.py reads it, and the browser tests' servers find it (and its
+    stamp) beside their prepared notebook, so they start without exporting. None where it cannot
+    be exported (no onnxruntime): the servers then run the pages on PyTorch."""
+    from cifarlib import serve
+    folder = tmp_path_factory.getbasetemp() / "app-model"
+    folder.mkdir(exist_ok=True)
+    return serve.page_model(trained_checkpoint, folder)
 
 
 class FillsUp:
@@ -82,9 +95,25 @@ class SharedKernel:
     def run(self, notebook, out, **parameters) -> str:
         import nbformat
         import papermill as pm
-        assert self.kc.execute_interactive("%reset -f", timeout=60)["content"]["status"] == "ok"
+        self.reset()
         pm.execute_notebook(str(notebook), str(out), parameters=parameters, km=self.km, progress_bar=False)
         return "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+
+    def reset(self) -> None:
+        """An empty namespace (the modules stay imported)."""
+        assert self.kc.execute_interactive("%reset -f", timeout=60)["content"]["status"] == "ok"
+
+    @contextmanager
+    def one_thread(self):
+        """torch on one thread inside the kernel, as OMP_NUM_THREADS=1 gives a fresh one (the
+        arithmetic of runs compared with one-thread runs); the kernel's own count afterwards."""
+        reply = self.kc.execute_interactive("import torch", user_expressions={"n": "torch.get_num_threads()"}, timeout=60)
+        before = int(reply["content"]["user_expressions"]["n"]["data"]["text/plain"])
+        assert self.kc.execute_interactive("torch.set_num_threads(1)", timeout=60)["content"]["status"] == "ok"
+        try:
+            yield self
+        finally:
+            self.kc.execute_interactive(f"import torch; torch.set_num_threads({before})", timeout=60)
 
 
 @pytest.fixture(scope="session")

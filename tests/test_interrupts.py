@@ -71,6 +71,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def finish(root: Path, name: str) -> None:
+    """Resume run `name` in this process and train it to its end, as `resume=True` on the command line does."""
+    for _ in train.epochs(train.prepare(tiny(root, name, resume=True))):
+        pass
+
+
 def tiny(root: Path, name: str, **kw):
     return make_config(**{**TINY, "data_dir": str(root / "data"), "checkpoint_dir": str(root / "ckpt"), "run_name": name, **kw})
 
@@ -119,28 +125,31 @@ def test_a_signal_saves_the_exact_step_and_the_run_ends_as_if_never_interrupted(
     assert abs(final_val_loss(run.dir) - final_val_loss(reference[1])) <= 1e-6
 
 
-@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_the_cli_saves_then_exits_130_on_sigint_and_143_on_sigterm(signum, status, root, reference):
-    name = f"cli-{status}"
-    p = cli(root, f"run_name={name}")
-    history = root / "ckpt" / name / "history.csv"
+def test_the_cli_saves_then_exits_130_on_sigint_and_143_on_sigterm(root, reference, one_thread):
+    """Two commands at once (one thread each): SIGINT to one, SIGTERM to the other, each in epoch 2
+    or while epoch 1 is saved."""
+    statuses = {signal.SIGINT: 130, signal.SIGTERM: 143}
+    runs = {signum: cli(root, f"run_name=cli-{status}") for signum, status in statuses.items()}
     deadline = time.time() + 240
-    while p.poll() is None and time.time() < deadline and not history.is_file():
-        time.sleep(0.02)
-    p.send_signal(signum)  # in epoch 2, or while epoch 1 is saved
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == status, err[-2000:]
-    message = err.strip().splitlines()[-1].split("\r")[-1].strip()
-    assert message.startswith("python -m cifarlib.train: interrupted at epoch ") and message.endswith(
-        f"; continue with run_name={name} resume=True") and "Traceback" not in err
-    if signum == signal.SIGTERM:
-        resumed = cli(root, f"run_name={name}", "resume=True")
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
-        assert comparable(checkpoints.read_history(history)) == comparable(reference[0])
-        assert abs(final_val_loss(history.parent) - final_val_loss(reference[1])) <= 1e-6
+    for signum, p in runs.items():
+        history = root / "ckpt" / f"cli-{statuses[signum]}" / "history.csv"
+        while p.poll() is None and time.time() < deadline and not history.is_file():
+            time.sleep(0.02)
+        p.send_signal(signum)
+    for signum, p in runs.items():
+        name = f"cli-{statuses[signum]}"
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == statuses[signum], err[-2000:]
+        message = err.strip().splitlines()[-1].split("\r")[-1].strip()
+        assert message.startswith("python -m cifarlib.train: interrupted at epoch ") and message.endswith(
+            f"; continue with run_name={name} resume=True") and "Traceback" not in err
+    finish(root, "cli-143")  # resumed in this process: the command's own code (the torchrun test resumes a command)
+    history = root / "ckpt" / "cli-143" / "history.csv"
+    assert comparable(checkpoints.read_history(history)) == comparable(reference[0])
+    assert abs(final_val_loss(history.parent) - final_val_loss(reference[1])) <= 1e-6
 
 
-def test_after_sigkill_a_periodic_save_loses_only_the_steps_since(root, reference):
+def test_after_sigkill_a_periodic_save_loses_only_the_steps_since(root, reference, one_thread):
     """`save_every_minutes` covers kills that give no warning."""
     p = cli(root, "run_name=killed", "save_every_minutes=0.01")
     last = root / "ckpt" / "killed" / "last.pt"
@@ -155,8 +164,7 @@ def test_after_sigkill_a_periodic_save_loses_only_the_steps_since(root, referenc
     p.kill()
     p.communicate()
     assert saved is not None, "no mid-epoch save was seen"
-    resumed = cli(root, "run_name=killed", "resume=True")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    finish(root, "killed")
     assert comparable(checkpoints.read_history(last.parent / "history.csv")) == comparable(reference[0])
     assert abs(final_val_loss(last.parent) - final_val_loss(reference[1])) <= 1e-6
 
@@ -176,7 +184,9 @@ def test_two_ranks_agree_on_the_step_to_stop_at_and_only_rank_zero_writes(root):
     out, err = p.communicate(timeout=120)
     assert err.count("interrupted at epoch 2 step ") == 1, err[-3000:]  # said once, by rank 0
     saved = checkpoints.load(history.parent / "last.pt")["resume"]
-    assert (saved["next_stage"], saved["next_epoch"]) == (1, 0) and 0 < saved["step"] < 6
+    # the first check after the signal: in epoch 2, from before its first step (while epoch 1 is
+    # saved) to after its last (before its validation); where exactly depends on the machine's pace
+    assert (saved["next_stage"], saved["next_epoch"]) == (1, 0) and 0 <= saved["step"] <= 6
     out = subprocess.run(cmd + ["resume=True"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("run files:") == 1 and out.stdout.count("epoch 3/3 ") == 1
@@ -247,10 +257,12 @@ def wait_for_a_mid_epoch_save(last: Path, alive, timeout: float = 240) -> dict |
     return None
 
 
-def test_a_killed_kernel_leaves_a_run_that_the_same_papermill_command_finishes(root, reference, tmp_path):
-    pytest.importorskip("papermill", reason="needs papermill")
+def test_a_killed_kernel_leaves_a_run_that_papermill_finishes_with_resume(root, reference, tmp_path, notebook_kernel):
+    """The papermill command's kernel is killed mid-run; the same notebook with the same parameters
+    and resume=True, through papermill again (in the suite's shared kernel), finishes the run."""
     psutil = pytest.importorskip("psutil", reason="needs psutil to find the kernel process")
-    params = [a for k, v in notebook_parameters(root, "pm-killed", save_every_minutes=0.01).items() for a in ("-p", k, str(v))]
+    parameters = notebook_parameters(root, "pm-killed", save_every_minutes=0.01)
+    params = [a for k, v in parameters.items() for a in ("-p", k, str(v))]
     cmd = [sys.executable, "-m", "papermill", "--no-progress-bar", "-k", "python3", str(NOTEBOOK), str(tmp_path / "out.ipynb")]
     p = subprocess.Popen(cmd + params, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = root / "ckpt" / "pm-killed" / "last.pt"
@@ -260,22 +272,23 @@ def test_a_killed_kernel_leaves_a_run_that_the_same_papermill_command_finishes(r
     kernels[0].kill()  # the kernel dies: no warning, no handler
     p.communicate(timeout=120)
     assert p.returncode != 0 and checkpoints.load(last)["resume"]["step"] > 0  # the folder is intact
-    again = subprocess.run(cmd + params + ["-p", "resume", "True"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    with notebook_kernel.one_thread():  # as the command's kernel ran (OMP_NUM_THREADS=1)
+        notebook_kernel.run(NOTEBOOK, tmp_path / "again.ipynb", **parameters, resume=True)
     assert comparable(checkpoints.read_history(last.parent / "history.csv")) == comparable(reference[0])
 
 
-def test_interrupting_notebook_03_then_running_its_cell_again_continues(root, reference, monkeypatch):
-    pm = pytest.importorskip("papermill", reason="needs papermill")
+def test_interrupting_notebook_03_then_running_its_cell_again_continues(root, reference, notebook_kernel):
+    """In the suite's shared kernel, cell by cell, as a user runs it in JupyterLab."""
+    import papermill as pm
     from nbclient import NotebookClient
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's
     nb = pm.parameterize.parameterize_notebook(pm.iorw.load_notebook_node(str(NOTEBOOK)),  # as papermill reads it
                                                notebook_parameters(root, "nb-interrupted", save_every_minutes=0.01))
-    client = NotebookClient(nb, kernel_name="python3", timeout=300, allow_errors=True,
+    client = NotebookClient(nb, km=notebook_kernel.km, timeout=300, allow_errors=True,
                             resources={"metadata": {"path": str(ROOT)}})
     training = next(i for i, c in enumerate(nb.cells) if "train.epochs(run)" in c.source)
     last = root / "ckpt" / "nb-interrupted" / "last.pt"
-    with client.setup_kernel():
+    notebook_kernel.reset()
+    with notebook_kernel.one_thread(), client.setup_kernel():  # one thread: as the reference ran
         pid = client.km.provisioner.process.pid
 
         def interrupt():  # what JupyterLab's interrupt button does: SIGINT to the kernel process
