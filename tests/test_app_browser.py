@@ -120,17 +120,17 @@ def stop(proc: subprocess.Popen, port: int) -> None:
         time.sleep(0.2)
 
 
-def prepared_in(tmp_path_factory) -> Path:
-    """Where the servers of the session prepare the notebook: its model is exported there once."""
-    folder = tmp_path_factory.getbasetemp() / "app-model"
-    folder.mkdir(exist_ok=True)
-    return folder / "05_inference_widget.ipynb"
+@pytest.fixture(scope="module")
+def prepared(app_model, tmp_path_factory) -> Path:
+    """Where the servers prepare the notebook: beside the model conftest's `app_model` exported
+    (with serve's own stamp), so that they find it and start without exporting."""
+    return tmp_path_factory.getbasetemp() / "app-model" / "05_inference_widget.ipynb"
 
 
 @pytest.fixture(scope="module")
-def server(trained_checkpoint, tmp_path_factory):
+def server(trained_checkpoint, prepared, tmp_path_factory):
     """`python -m cifarlib.serve`, as `make app` runs it, on a free port; always stopped after the module."""
-    with serving(trained_checkpoint, tmp_path_factory.mktemp("app"), prepared=prepared_in(tmp_path_factory)) as s:
+    with serving(trained_checkpoint, tmp_path_factory.mktemp("app"), prepared=prepared) as s:
         yield s
 
 
@@ -138,11 +138,10 @@ CULL_IDLE, CULL_INTERVAL = 10, 1  # the small server's, seconds
 
 
 @pytest.fixture(scope="module")
-def small_server(trained_checkpoint, tmp_path_factory):
+def small_server(trained_checkpoint, prepared, tmp_path_factory):
     """The app with room for one visitor, one preheated page, and kernels culled 10-11 s after their page is gone."""
     with serving(trained_checkpoint, tmp_path_factory.mktemp("small"), "--max-visitors", "1", "--pool", "1",
-                 "--cull-idle", str(CULL_IDLE), "--cull-interval", str(CULL_INTERVAL),
-                 prepared=prepared_in(tmp_path_factory)) as s:
+                 "--cull-idle", str(CULL_IDLE), "--cull-interval", str(CULL_INTERVAL), prepared=prepared) as s:
         yield s
 
 

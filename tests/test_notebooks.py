@@ -36,7 +36,8 @@ def test_committed_clean_with_a_documented_parameters_cell_first(path):
 def test_runs_headless_on_synthetic_data(path, tmp_path, notebook_kernel):
     out = tmp_path / path.name
     where = {OUTPUT_DIRS[path.stem]: str(tmp_path / "out")} if path.stem in OUTPUT_DIRS else {}
-    notebook_kernel.run(path, out, dataset="synthetic", data_dir=str(tmp_path / "data"), **where, **TINY[path.stem])
+    notebook_kernel.run(path, out, dataset="synthetic", data_dir=str(tmp_path.parent / "data"),  # written once a session
+                        **where, **TINY[path.stem])
     nb = nbformat.read(out, as_version=4)
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images >= (1 if path.stem == "03_train" else 3)

@@ -43,12 +43,10 @@ def test_a_cam_becomes_grad_cams_map_as_torchcam_and_explain_scale_it():
 
 
 @pytest.fixture(scope="module")
-def exported(trained_checkpoint, tmp_path_factory):
-    """The suite's checkpoint exported for the pages, where the browser tests' servers find it too."""
+def exported(app_model):
+    """The suite's checkpoint exported for the pages (conftest's `app_model`), as the app serves it."""
     pytest.importorskip("onnxruntime", reason="needs onnxruntime")
-    folder = tmp_path_factory.getbasetemp() / "app-model"
-    folder.mkdir(exist_ok=True)
-    return serve.page_model(trained_checkpoint, folder)
+    return app_model
 
 
 def pictures():

@@ -207,13 +207,11 @@ def test_reads_a_run_the_suite_trained(trained_checkpoint, tmp_path):
     assert row["wall_s"] == pytest.approx(sum(r["seconds"] for r in history))
 
 
-def test_notebook_compares_tiny_runs(zoo, tmp_path):
-    nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat and papermill")
-    pm = pytest.importorskip("papermill", reason="the notebook test needs nbformat and papermill")
+def test_notebook_compares_tiny_runs(zoo, tmp_path, notebook_kernel):
+    import nbformat
     out = tmp_path / "compare"
     nb_out = tmp_path / "06.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(nb_out), kernel_name="python3", progress_bar=False,
-                        parameters={"checkpoint_dir": str(zoo), "runs": "*ed", "metric": "val_loss", "out_dir": str(out)})
+    notebook_kernel.run(NOTEBOOK, nb_out, checkpoint_dir=str(zoo), runs="*ed", metric="val_loss", out_dir=str(out))
     outputs = [o for c in nbformat.read(nb_out, as_version=4).cells for o in c.get("outputs", [])]
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     text = "".join(o.get("text", "") for o in outputs)
