@@ -31,7 +31,7 @@ def trained_checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trained")
     cfg = make_config("cpu", dataset="synthetic", weights="none", backbone="resnet18", image_size=32, epochs=3,
-                      max_train_samples=600, max_eval_samples=200, data_dir=str(root / "data"),
+                      max_train_samples=320, max_eval_samples=100, data_dir=str(root / "data"),
                       checkpoint_dir=str(root / "ckpt"), run_name="tiny", device="cpu")
     run = train.prepare(cfg)
     for _ in train.epochs(run):

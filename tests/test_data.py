@@ -85,11 +85,11 @@ def test_synthetic_classes_are_learnable_but_no_pixel_gives_them_away(tmp_path):
     per_pixel = ((xv[:, None, :] - means).abs().argmin(1) == yv[:, None]).float().mean(0)
     assert per_pixel.max() < 0.10  # the best single pixel-channel, nearest class mean
 
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, 100))
+    net = torch.nn.Sequential(  # small: 2 epochs reach about 17% here (23% at twice the width, twice the time)
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 100))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for epoch in range(2):
         for xb, yb in Batches(d.train, 64, shuffle=True, drop_last=True).epoch(epoch):

@@ -7,6 +7,8 @@ final validation loss. All runs use one thread (OMP_NUM_THREADS=1 for subprocess
 torch.set_num_threads(1) in this process), so that their arithmetic is the same.
 """
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -51,12 +53,18 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(root):
-    """The uninterrupted run, from the CLI: its history rows (as read back) and its folder."""
-    p = cli(root, "run_name=reference")
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
+    """The uninterrupted run, through the command line's `main` in this process, on one thread as
+    the commands here: its history rows (as read back) and its folder."""
+    kv = {**TINY, "data_dir": root / "data", "checkpoint_dir": root / "ckpt", "run_name": "reference"}
+    before, printed = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            train.main([f"{k}={v}" for k, v in kv.items()])
+    finally:
+        torch.set_num_threads(before)
     folder = root / "ckpt" / "reference"
-    lines = out.splitlines()
+    lines = printed.getvalue().splitlines()
     assert lines[0].startswith("device plan: cpu, fp32, unfused optimizer, channels_last, a check every 1 optimizer step")
     assert [line.split(" [")[0] for line in lines[1:4]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert lines[4] == f"run files: {folder}" and len(lines) == 5  # one plain line per epoch on stdout
