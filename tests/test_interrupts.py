@@ -4,7 +4,10 @@ process or kernel, a non-finite loss, out of memory.
 Every interrupted run is compared with one uninterrupted reference run (a module fixture): after
 resuming it must end with the same history, `seconds` and `images_per_s` aside, and the same
 final validation loss. All runs use one thread (OMP_NUM_THREADS=1 for subprocesses,
-torch.set_num_threads(1) in this process), so that their arithmetic is the same.
+torch.set_num_threads(1) in this process, `SharedKernel.one_thread` in the suite's shared kernel),
+so that their arithmetic is the same. Each kind of process is started where it is the subject (the
+command's exit status and message, torchrun's two ranks, a papermill command's kernel); the runs
+that only continue or compare run in this process or in the shared kernel.
 """
 
 import contextlib
