@@ -57,7 +57,7 @@ def fit(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def cifar_like(image: Picture, size: int = CIFAR_SIZE) -> torch.Tensor:
-    """Any picture -> uint8 (3, size, size), by the rule in this module's docstring: `decode`
-    (a JPEG at a reduced scale where its shorter side stays at least twice `size`, so the
-    antialiased resize still has twice the pixels it keeps), then `fit`."""
-    return fit(decode(image, 2 * size), size)
+    """Any picture -> uint8 (3, size, size), by the rule in this module's docstring:
+    `pictures.cifar_like` (`decode`, a JPEG at a reduced scale where its shorter side stays at least
+    twice `size`, so the antialiased resize still has twice the pixels it keeps; then `fit`)."""
+    return torch.from_numpy(pictures.cifar_like(image, size)).permute(2, 0, 1).contiguous()
