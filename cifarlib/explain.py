@@ -35,7 +35,9 @@ from PIL import Image
 from torch import nn
 
 from .errors import UserError
-from .preprocess import evaluation_inputs
+from .evaluate import confident_mistakes
+from .heatmap import overlay as overlay_array
+from .preprocess import cifar_like, evaluation_inputs
 
 
 _LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layer's name, found once
@@ -101,17 +103,14 @@ def overlay(image: torch.Tensor, heat: torch.Tensor | np.ndarray, size: int | No
     """A picture (uint8 (3, h, w)) with its map (h, w) in [0, 1] laid over it in the `jet`
     colours, blended `alpha`; enlarged to `size` px (the picture nearest, the map bilinear):
     `cifarlib.heatmap.overlay`, which the web app's pages use without torch."""
-    from .heatmap import overlay as overlay_array
-
     return overlay_array(image.permute(1, 2, 0).cpu().numpy(), np.asarray(heat, dtype=np.float32), size, alpha)
 
 
 def overlaid_mistakes(predictor, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
                       n: int = 16) -> torch.Tensor:
     """A copy of `images` (uint8 (N, 3, h, w)) in which the `n` most confident mistakes (those
-    `plots.confident_mistakes` shows) carry the map of the class they were mistaken for."""
-    from .evaluate import confident_mistakes
-
+    `evaluate.confident_mistakes` picks, as notebook 04's gallery does) carry the map of the class
+    they were mistaken for."""
     pick, _, pred = confident_mistakes(probs, labels, n)
     out = images.clone()
     if len(pick):
@@ -126,8 +125,6 @@ def overlaid_mistakes(predictor, images: torch.Tensor, probs: torch.Tensor, labe
 def side_by_side(picture, heat: np.ndarray, size: int, scale: int = 128) -> Image.Image:
     """The picture as the model sees it (made CIFAR-like at the stored `size`), and the same with
     its map laid over it, side by side, each enlarged to `scale` px (notebook 05's headless view)."""
-    from .preprocess import cifar_like
-
     seen = cifar_like(picture, size)
     out = Image.new("RGB", (2 * scale + 4, scale), "white")
     out.paste(overlay(seen, heat, scale, alpha=0), (0, 0))

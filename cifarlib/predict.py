@@ -24,7 +24,8 @@ from . import runtime
 from .errors import UserError, cli_errors
 from .model import from_checkpoint
 from .evaluate import logits
-from .prediction import Prediction, format_prediction, top_predictions  # noqa: F401  (Prediction, format_prediction: where callers have always found them)
+from .prediction import Prediction, format_prediction  # noqa: F401  (where callers have always found them)
+from .prediction import top_predictions
 from .preprocess import CIFAR_SIZE, cifar_like
 
 
