@@ -59,13 +59,9 @@ def reference(root):
     """The uninterrupted run, through the command line's `main` in this process, on one thread as
     the commands here: its history rows (as read back) and its folder."""
     kv = {**TINY, "data_dir": root / "data", "checkpoint_dir": root / "ckpt", "run_name": "reference"}
-    before, printed = torch.get_num_threads(), io.StringIO()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(printed):
-            train.main([f"{k}={v}" for k, v in kv.items()])
-    finally:
-        torch.set_num_threads(before)
+    printed = io.StringIO()
+    with single_thread(), contextlib.redirect_stdout(printed):
+        train.main([f"{k}={v}" for k, v in kv.items()])
     folder = root / "ckpt" / "reference"
     lines = printed.getvalue().splitlines()
     assert lines[0].startswith("device plan: cpu, fp32, unfused optimizer, channels_last, a check every 1 optimizer step")
@@ -74,12 +70,21 @@ def reference(root):
     return checkpoints.read_history(folder / "history.csv"), folder
 
 
-@pytest.fixture
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
+    """torch on one thread in this process, as OMP_NUM_THREADS=1 gives the commands; then as before."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 def finish(root: Path, name: str) -> None:
