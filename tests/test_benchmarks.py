@@ -93,3 +93,12 @@ def test_real_photo_benchmark_runs_both_sides_on_a_tiny_folder(tmp_path, monkeyp
     runpy.run_path(str(ROOT / "benchmarks" / "plot_real.py"), run_name="__main__")
     assert "1 runs drawn" in capsys.readouterr().out
     assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pace_prints_the_step_time_the_readme_compares_runs_by(monkeypatch, capsys):
+    """benchmarks/pace.py in this process, one step after its warm-up, no fresh-process imports."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import pace
+    result = pace.main(["--steps", "1", "--imports", "0"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["resnet18_step_s"] > 0 and result["import_s"] is None and result["threads"] >= 1
