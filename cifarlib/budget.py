@@ -46,6 +46,12 @@ def stage_seconds(cost: StageCost, steps: int, steps_per_epoch: int, save_s: flo
     return steps * cost.step_s + rows * (cost.val_s + save_s)
 
 
+def _seconds(costs: list[StageCost], steps: list[int], steps_per_epoch: int, save_s: float) -> float:
+    """The stages' predicted seconds, exactly: the total is not summed from the rounded figures
+    `_stages` records, which could put a plan that fits its budget a little over it."""
+    return sum(stage_seconds(c, n, steps_per_epoch, save_s) for c, n in zip(costs, steps))
+
+
 def _steps(costs: list[StageCost], k: float, steps_per_epoch: int) -> list[int]:
     return [max(1, round(k * c.share * steps_per_epoch)) for c in costs]
 
@@ -54,7 +60,7 @@ def fit(costs: list[StageCost], steps_per_epoch: int, seconds: float, save_s: fl
     """Each stage's length in optimizer steps: the preset's proportions scaled by the largest
     factor whose predicted time fits in `seconds` (the budget left after what is already spent and
     the final save). `TooSmall` if even one step per stage does not fit."""
-    total = lambda steps: sum(stage_seconds(c, n, steps_per_epoch, save_s) for c, n in zip(costs, steps))  # noqa: E731
+    total = lambda steps: _seconds(costs, steps, steps_per_epoch, save_s)  # noqa: E731
     shortest = total([1] * len(costs))
     if shortest > seconds:
         raise TooSmall(shortest - seconds)
@@ -100,10 +106,9 @@ def make_plan(costs: list[StageCost], steps_per_epoch: int, budget_s: float, spe
         steps = fit(costs, steps_per_epoch, budget_s - spent_s - save_s, save_s)
     except TooSmall as e:
         raise TooSmall(budget_s + e.minimum_s) from None
-    stages = _stages(costs, steps, steps_per_epoch, save_s)
-    predicted = spent_s + save_s + sum(s["predicted_s"] for s in stages)
-    return BudgetPlan(round(budget_s / 60, 3), steps_per_epoch, stages, round(spent_s, 1), round(save_s, 2),
-                      round(predicted / 60, 3), replans=[])
+    predicted = spent_s + save_s + _seconds(costs, steps, steps_per_epoch, save_s)
+    return BudgetPlan(round(budget_s / 60, 3), steps_per_epoch, _stages(costs, steps, steps_per_epoch, save_s),
+                      round(spent_s, 1), round(save_s, 2), round(predicted / 60, 3), replans=[])
 
 
 def replan(plan: BudgetPlan, start: int, costs: list[StageCost], spent_s: float) -> BudgetPlan:
@@ -116,7 +121,7 @@ def replan(plan: BudgetPlan, start: int, costs: list[StageCost], spent_s: float)
     except TooSmall:
         steps = [1] * len(costs)
     stages = plan.stages[:start] + _stages(costs, steps, plan.steps_per_epoch, plan.save_s)
-    predicted = spent_s + plan.save_s + sum(s["predicted_s"] for s in stages[start:])
+    predicted = spent_s + plan.save_s + _seconds(costs, steps, plan.steps_per_epoch, plan.save_s)
     note = {"at_stage": start, "spent_s": round(spent_s, 1), "steps": steps}
     return BudgetPlan(plan.budget_minutes, plan.steps_per_epoch, stages, plan.spent_s, plan.save_s,
                       round(predicted / 60, 3), replans=[*(plan.replans or []), note])

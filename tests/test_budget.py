@@ -64,6 +64,21 @@ def test_the_plan_is_described_recorded_and_reproducible():
     assert config.stage_rows(again.stages[1], 100) == 10 and config.stage_steps(again.stages[0], 100) == 467
 
 
+def test_the_predicted_time_never_exceeds_the_budget_by_rounding():
+    """The recorded stages' seconds are rounded to 0.1 s; the predicted total is not made of them
+    (two stages each rounded up by 0.05 s put a plan that fits 36 s at 0.601 min)."""
+    costs = [StageCost("head", 1, 32, step_s=0.0137, val_s=0.211), StageCost("all", 2, 32, step_s=0.0391, val_s=0.263)]
+    over = []
+    for tenth in range(300, 1200):
+        plan = budget.make_plan(costs, 3, budget_s=tenth / 10, spent_s=4.44, save_s=0.05)
+        if plan.predicted_minutes > plan.budget_minutes:
+            over.append((tenth / 10, plan.predicted_minutes))
+        again = budget.replan(plan, 1, costs[1:], spent_s=4.44 + plan.stages[0]["predicted_s"])
+        if again.predicted_minutes > plan.budget_minutes:
+            over.append((tenth / 10, again.predicted_minutes, "replan"))
+    assert not over, over[:5]
+
+
 def test_a_replan_uses_the_time_left_and_the_speed_measured():
     plan = budget.make_plan(COSTS, 100, budget_s=600, spent_s=30, save_s=1)
     slower = [StageCost("all", 2, 88, step_s=0.5 * 1.5, val_s=3.0 * 1.5)]  # probed again: the machine is 1.5x slower now
