@@ -5,6 +5,7 @@ measures the same things on a real GPU (its --smoke mode runs in test_benchmarks
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,13 +99,11 @@ def test_cudnn_picks_its_kernels_once_for_fixed_shapes(monkeypatch):
 
 
 def test_the_saver_writes_in_order_and_reports_errors_once():
-    saver, log = checkpoints.Saver(), []
-
-    def job(name, delay):
-        return lambda: (time.sleep(delay), log.append(name))
-    saver.submit(job("first", 0.3))
-    saver.submit(job("second", 0))  # waits for the first
-    assert log == ["first"]
+    saver, log, gate = checkpoints.Saver(), [], threading.Event()
+    saver.submit(lambda: (time.sleep(0.3), log.append("first")))
+    saver.submit(lambda: (gate.wait(60), log.append("second")))  # returns once the first is written
+    assert log == ["first"]  # (the second waits for the gate: it could otherwise be written already)
+    gate.set()
     saver.wait()
     assert log == ["first", "second"]
     saver.submit(lambda: 1 / 0)
