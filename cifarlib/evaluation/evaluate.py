@@ -78,33 +78,6 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tu
     return ece, table
 
 
-@torch.no_grad()
-def logits(model, images: torch.Tensor, image_size: int, mean, std, flip: bool = False,
-           plan: runtime.DevicePlan | None = None) -> torch.Tensor:
-    """The one evaluation path, from uint8 images to float32 class scores: resize and normalise
-    (`evaluation_inputs`), then the model with a device plan's precision and memory layout:
-    the training run's for validation, the device's own (`runtime.auto_plan`: bf16 autocast
-    and channels_last on CUDA) for testing and prediction."""
-    plan = plan or runtime.auto_plan(images.device)
-    inputs = evaluation_inputs(images, image_size, mean, std).to(memory_format=plan.memory_format)
-    with plan.autocast():
-        return model(inputs.flip(-1) if flip else inputs).float()
-
-
-@torch.no_grad()
-def predict_split(model, split: Split, image_size: int, mean, std, batch_size: int = 256,
-                  flip: bool = False) -> torch.Tensor:
-    """Class probabilities for every image of `split` (averaged with its mirror image if `flip`)."""
-    model.eval()
-    out = []
-    for x, _ in Batches(split, batch_size).epoch(0):
-        p = logits(model, x, image_size, mean, std).softmax(1)
-        if flip:
-            p = (p + logits(model, x, image_size, mean, std, flip=True).softmax(1)) / 2
-        out.append(p.cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def summarise(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
               fine_to_coarse: torch.Tensor | None, superclasses: list[str] | None) -> dict[str, Any]:
     """Every metric of the module docstring from probabilities and true labels (both on the CPU)."""

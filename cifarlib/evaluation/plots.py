@@ -17,21 +17,6 @@ from . import evaluate
 from .data import CifarData, Split
 
 
-# One figure drawn at a time. matplotlib's text layout is not thread-safe (its mathtext parser is
-# shared), and the background saver draws loss_curves.png while a notebook draws its live curves:
-# two at once fail with a ParseException on a log axis's "$10^{-4}$". Reentrant: loss_curves lays
-# its figure out (tight_layout measures the text), then png_bytes renders it.
-_DRAWING = threading.RLock()
-
-
-def _one_at_a_time(draw):
-    @functools.wraps(draw)
-    def locked(*args, **kwargs):
-        with _DRAWING:
-            return draw(*args, **kwargs)
-    return locked
-
-
 def to_display(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     """uint8 images, or normalised float inputs with their mean/std, -> float HWC in [0, 1]."""
     x = x.detach().float().cpu()
@@ -134,30 +119,6 @@ def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
     flat = dist.triu(1).flatten()
     order = torch.argsort(torch.where(flat > 0, flat, torch.tensor(float("inf"))))[:n]
     return [(int(i) // d.num_classes, int(i) % d.num_classes) for i in order]
-
-
-class ShownFigure(Figure):
-    """A figure made without pyplot (whose global state is not thread-safe) that still shows
-    itself in a notebook: IPython has no printer for a bare Figure until pyplot's inline backend
-    has loaded, so it brings its own PNG representation."""
-
-    def _repr_png_(self) -> bytes:
-        return png_bytes(self)
-
-
-def png_bytes(fig, dpi: int = 110) -> bytes:
-    """A figure as PNG bytes."""
-    import io
-    buf = io.BytesIO()
-    with _DRAWING:
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def save_png(fig, path) -> None:
-    """Save a figure as PNG through a temporary file and a rename."""
-    from .checkpoints import write_atomically
-    write_atomically(path, png_bytes(fig))
 
 
 def superclass_order(fine_to_coarse) -> list[int]:

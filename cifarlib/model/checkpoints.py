@@ -97,36 +97,6 @@ def check_writable(root: str | os.PathLike) -> None:
         raise (full or _unwritable(path, e)) from None
 
 
-def write_atomically(path: Path, data: bytes | Callable[[Any], Any],
-                     full_disk_fix: str | None = "Free some space and resume the run.") -> None:
-    """Write `data` (bytes, or a function that writes to the open file, for data too large to
-    hold twice in memory) to `path` via a temporary file and a rename: all or nothing. A full
-    disk is a `UserError` ending with `full_disk_fix`; with None, the error itself."""
-    kept = "the previous version, if any, is untouched"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:  # a disk so full that not even an empty file fits
-        full = full_disk_fix and disk_full(e, path, kept, full_disk_fix)
-        if full:
-            raise full from None
-        raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data) if isinstance(data, (bytes, bytearray, memoryview)) else data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; make it like any other file
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or Ctrl-C mid-write: leave no temporary file
-        Path(tmp).unlink(missing_ok=True)
-        full = full_disk_fix and disk_full(e, path, kept, full_disk_fix)
-        if full:
-            raise full from None
-        raise
-
-
 def snapshot(obj: Any) -> Any:
     """A copy of `obj` whose tensors are in CPU memory, detached and owned (training may go on
     changing the originals in place while the copy is written)."""
