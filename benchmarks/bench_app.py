@@ -82,9 +82,9 @@ class App:
 
     def server(self) -> psutil.Process:
         for p in psutil.Process(self.make.pid).children(recursive=True):
-            if "cifarlib.appserver" in " ".join(p.cmdline()):
+            if "cifarlib.serving.appserver" in " ".join(p.cmdline()):
                 return p
-        raise RuntimeError("no cifarlib.appserver process under make app")
+        raise RuntimeError("no cifarlib.serving.appserver process under make app")
 
     def processes(self) -> tuple[psutil.Process, list[psutil.Process]]:
         """The server and its kernels, the same Process objects from call to call (for cpu_percent)."""

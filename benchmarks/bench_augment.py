@@ -3,7 +3,7 @@
 Both produce 224x224 normalised model inputs with Mixup/CutMix targets from the same 32x32
 images, in the same run, on the same machine:
 
-- ours: uint8 images resident on --device, `cifarlib.data.Batches` + `BatchAugment` with the
+- ours: uint8 images resident on --device, `cifarlib.data.datasets.Batches` + `BatchAugment` with the
   `original` policy (every operation on);
 - original: PIL images through the original torchvision chain per sample (Resize 224,
   ColorJitter, RandomGrayscale, flip, RandomRotation, RandomAffine, RandomPerspective,
@@ -35,10 +35,10 @@ import time
 import torch
 from PIL import Image
 
-from cifarlib.augment import BatchAugment, make_policy
-from cifarlib.data import Batches, Split
-from cifarlib.preprocess import normalization
-from cifarlib.synthetic import make_images
+from cifarlib.data.augment import BatchAugment, make_policy
+from cifarlib.data.datasets import Batches, Split
+from cifarlib.data.preprocess import normalization
+from cifarlib.data.synthetic import make_images
 
 MEAN, STD = normalization("resnet50")
 

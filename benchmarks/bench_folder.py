@@ -3,7 +3,7 @@
     python benchmarks/bench_folder.py ../shared/real/cifar10-train-jpeg.tar.gz
     python benchmarks/bench_folder.py path/to/photos --store-size 64
 
-PATH is a folder of pictures or an archive of one (see `cifarlib.folders`). Everything is
+PATH is a folder of pictures or an archive of one (see `cifarlib.data.folders`). Everything is
 written to a fresh temporary `cache_dir` (or --cache-dir, which must be empty), so every run
 starts from nothing:
 
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from cifarlib import folders, imagecache, runtime
-from cifarlib.data import load_cifar
+from cifarlib.core import runtime
+from cifarlib.data import folders, imagecache
+from cifarlib.data.datasets import load_cifar
 
 
 def timed(fn):

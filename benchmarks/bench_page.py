@@ -7,7 +7,7 @@ process's memory is read after each step (psutil: RSS, PSS and USS, in MB; USS i
 alone holds, what another page would add):
 
 1. Python with ipykernel and ipywidgets imported (what every kernel of a page holds);
-2. the page's imports (`cifarlib.app`; for PyTorch also torch, timm and torchvision, which
+2. the page's imports (`cifarlib.serving.app`; for PyTorch also torch, timm and torchvision, which
    loading a checkpoint needs);
 3. the model loaded (`Predictor.from_checkpoint`, or `OnnxPredictor.from_export` on the model
    `python -m cifarlib.export CHECKPOINT --cams` writes, exported here first);
@@ -54,7 +54,7 @@ def child(engine: str, checkpoint: str, model: str, pictures: list[Path], repeat
     import ipykernel.kernelapp  # noqa: F401
     import ipywidgets  # noqa: F401
     step("ipykernel and ipywidgets")
-    from cifarlib.app import UploadApp, page_predictor
+    from cifarlib.serving.app import UploadApp, page_predictor
     if engine == "torch":
         import timm  # noqa: F401
         import torch  # noqa: F401

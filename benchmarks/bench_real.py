@@ -51,14 +51,14 @@ def machine() -> str:
 
 def warm_cache(data: str, kv: dict) -> None:
     """Decode the folder once, untimed: the goal's clock runs with the decode cache warm."""
-    from cifarlib.data import load_cifar
+    from cifarlib.data.datasets import load_cifar
     load_cifar("folder", data, val_fraction=kv.get("val_fraction", 0.1), seed=kv.get("seed", 0),
                max_train_samples=kv.get("max_train_samples"), max_eval_samples=kv.get("max_eval_samples"),
                store_size=kv.get("store_size", 32), cache_dir=kv.get("cache_dir", "data"), device="cpu")
 
 
 def ours(data: str, weights: str, kv: dict) -> dict:
-    from cifarlib import checkpoints
+    from cifarlib.model import checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         args = {"preset": "cpu", "dataset": "folder", "data_dir": data, "weights": weights, **DEFAULTS, **kv,
                 "checkpoint_dir": tmp, "run_name": "bench"}
@@ -98,9 +98,9 @@ def plain_loop(data: str, weights: str, kv: dict, out: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from cifarlib.data import load_cifar
+    from cifarlib.data.datasets import load_cifar
+    from cifarlib.data.preprocess import normalization
     from cifarlib.model import build_model, layer_groups
-    from cifarlib.preprocess import normalization
 
     size, epochs, batch = kv.get("image_size", 96), kv.get("epochs", 2), kv.get("batch_size", 64)
     backbone = kv.get("backbone", DEFAULTS["backbone"])
@@ -174,7 +174,7 @@ def plain_loop(data: str, weights: str, kv: dict, out: Path) -> None:
 
 
 def parse(pairs: list[str]) -> dict:
-    from cifarlib.config import parse_value
+    from cifarlib.training.config import parse_value
     bad = [p for p in pairs if "=" not in p]
     if bad:
         raise SystemExit(f"expected key=value, got {' '.join(bad)}")

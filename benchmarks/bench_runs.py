@@ -1,4 +1,4 @@
-"""How long the runs table takes: `cifarlib.runs.table` over many run folders, and the CLI.
+"""How long the runs table takes: `cifarlib.evaluation.runs.table` over many run folders, and the CLI.
 
 Writes --runs fake run folders into a temporary folder, as the training loop and notebook 04
 write them: `config.json` from a real preset (original at 100 epochs, fast at 16, cpu at 3, in turn),
@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cifarlib import runs
-from cifarlib.config import make_config, to_dict
 from cifarlib.model import GROUPS
+from cifarlib.training.config import make_config, to_dict
+from cifarlib.evaluation import runs
 
 PRESETS = [("original", 100), ("fast", 16), ("cpu", 3)]
 

@@ -3,7 +3,7 @@
 Both train the same backbone on the same synthetic 32x32 images held in memory (no download),
 on --device, in the same run:
 
-- ours: `cifarlib.train.train_epoch` itself: device-resident uint8 data, `Batches`, the
+- ours: `cifarlib.training.train.train_epoch` itself: device-resident uint8 data, `Batches`, the
   `original` augmentation policy on the device, under the device's own plan (bf16 autocast,
   channels_last, fused optimizer and cuDNN autotuning on CUDA), optional torch.compile;
 - original: torchvision-style dataset of PIL images with the original per-sample chain, a
@@ -38,14 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_augment, beside this file
 from bench_augment import PilDataset, original_transform  # noqa: E402
 
-from cifarlib import runtime, train  # noqa: E402
-from cifarlib.augment import BatchAugment, make_policy  # noqa: E402
-from cifarlib.config import Stage, make_config  # noqa: E402
-from cifarlib.data import Split  # noqa: E402
+from cifarlib.core import runtime  # noqa: E402
+from cifarlib.data.augment import BatchAugment, make_policy  # noqa: E402
+from cifarlib.data.datasets import Split  # noqa: E402
+from cifarlib.data.preprocess import normalization  # noqa: E402
+from cifarlib.data.synthetic import make_images  # noqa: E402
 from cifarlib.model import GROUPS, build_model, layer_groups  # noqa: E402
-from cifarlib.run import Run, StageRun  # noqa: E402
-from cifarlib.preprocess import normalization  # noqa: E402
-from cifarlib.synthetic import make_images  # noqa: E402
+from cifarlib.training import train  # noqa: E402
+from cifarlib.training.config import Stage, make_config  # noqa: E402
+from cifarlib.training.run import Run, StageRun  # noqa: E402
 
 
 def sync(device):

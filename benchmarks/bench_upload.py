@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--pictures", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from cifarlib.app import UploadApp
-    from cifarlib.predict import Predictor
+    from cifarlib.serving.app import UploadApp
+    from cifarlib.serving.predict import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     apps = {"predict only": UploadApp(predictor, explain=False), "predict and where it looked": UploadApp(predictor)}

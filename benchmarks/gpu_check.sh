@@ -95,7 +95,7 @@ environment() {
 import torch, torchvision, timm
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)
 print("cuda available", torch.cuda.is_available(), "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-from cifarlib import runtime
+from cifarlib.core import runtime
 print(runtime.resolve_plan("auto").describe())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)

@@ -2,7 +2,7 @@
 at a stage change, and what saving costs. Writes one JSON file (after each probe, so that a time
 limit keeps what was measured).
 
-- `syncs_per_step`: an epoch of `cifarlib.loop.train_epoch` (`--sync-steps` optimizer steps,
+- `syncs_per_step`: an epoch of `cifarlib.training.loop.train_epoch` (`--sync-steps` optimizer steps,
   60 by default, so that the check every 50 steps falls inside it) under
   `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that makes the host
   wait for the GPU. Warnings raised by the loop's scheduled checks (`loop.scheduled_check`) and
@@ -14,7 +14,7 @@ limit keeps what was measured).
   real backend, at a fraction of the cost. `recompiles` is the number of graphs compiled after
   the first stage's; the goal is at most 1, and none within a stage.
 - `save_share`: one real epoch of full fine-tuning (`--save-images` images, 45,000 by default:
-  a CIFAR training split; the synthetic set's 3,600, repeated) through `cifarlib.train.epochs`, with the saves that epoch really makes
+  a CIFAR training split; the synthetic set's 3,600, repeated) through `cifarlib.training.train.epochs`, with the saves that epoch really makes
   (best.pt, last.pt, history.csv and the curves at its end; a periodic save if one falls due),
   started when no earlier save is still being written. Reported: the seconds the loop spent
   handing the files to the background saver (the copy to CPU memory) over the epoch's seconds,
@@ -37,14 +37,15 @@ from pathlib import Path
 
 import torch
 
-from cifarlib import checkpoints, loop, runtime, train
-from cifarlib.augment import BatchAugment, make_policy
-from cifarlib.config import Stage, make_config
-from cifarlib.data import Split
-from cifarlib.model import GROUPS, build_model, layer_groups
-from cifarlib.preprocess import normalization
-from cifarlib.run import Run, StageRun
-from cifarlib.synthetic import make_images
+from cifarlib.core import runtime
+from cifarlib.data.augment import BatchAugment, make_policy
+from cifarlib.data.datasets import Split
+from cifarlib.data.preprocess import normalization
+from cifarlib.data.synthetic import make_images
+from cifarlib.model import GROUPS, build_model, checkpoints, layer_groups
+from cifarlib.training import loop, train
+from cifarlib.training.config import Stage, make_config
+from cifarlib.training.run import Run, StageRun
 
 
 def sync_probe(a, device, optimizer: str) -> dict:

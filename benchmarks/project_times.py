@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # cifarlib, without an install
-from cifarlib.config import PRESETS, make_config, stage_image_size  # noqa: E402
+from cifarlib.training.config import PRESETS, make_config, stage_image_size  # noqa: E402
 
 TRAIN_IMAGES = 45_000
 

@@ -4,7 +4,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from cifarlib import synthetic
+from cifarlib.data import synthetic
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +26,8 @@ def cifar100_tarball(tmp_path_factory, cifar100_dir):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory):
     """best.pt of a tiny run the suite trains itself (a clean clone has no earlier runs)."""
-    from cifarlib import train
-    from cifarlib.config import make_config
+    from cifarlib.training import train
+    from cifarlib.training.config import make_config
 
     root = tmp_path_factory.mktemp("trained")
     cfg = make_config("cpu", dataset="synthetic", weights="none", backbone="resnet18", image_size=32, epochs=3,
@@ -45,7 +45,7 @@ def app_model(trained_checkpoint, tmp_path_factory):
     process: tests/test_onnx_page.py reads it, and the browser tests' servers find it (and its
     stamp) beside their prepared notebook, so they start without exporting. None where it cannot
     be exported (no onnxruntime): the servers then run the pages on PyTorch."""
-    from cifarlib import serve
+    from cifarlib.serving import serve
     folder = tmp_path_factory.getbasetemp() / "app-model"
     folder.mkdir(exist_ok=True)
     return serve.page_model(trained_checkpoint, folder)

@@ -27,8 +27,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlib.predict import Predictor
-from cifarlib.synthetic import make_images
+from cifarlib.data.synthetic import make_images
+from cifarlib.serving.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -256,7 +256,7 @@ def chart_rows(block) -> list[tuple[str, float]]:
 
 
 def assert_predicted(block, path: Path, predictor: Predictor) -> None:
-    """The page shows what cifarlib.predict says of the same file: its top class first, then the
+    """The page shows what cifarlib.serving.predict says of the same file: its top class first, then the
     other classes with their probabilities (to the 0.1% shown), and three pictures: the file, the
     image the model sees, and where it looked."""
     expected = predictor.predict(path, top_k=len(predictor.classes)).top
@@ -314,7 +314,7 @@ def validation_photos(checkpoint: Path, folder: Path) -> list[Path]:
     stored at: two right answers of two classes and one mistake, each of a confidence typical
     of its kind (nearest the median of the right answers', or of the mistakes'), each file named
     by its true class."""
-    from cifarlib.evaluate import evaluate_checkpoint
+    from cifarlib.evaluation.evaluate import evaluate_checkpoint
 
     ev = evaluate_checkpoint(checkpoint, split="val", device="cpu")
     conf, pred = ev.probs.max(1)

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from cifarlib import augment
-from cifarlib import geometry as geo
-from cifarlib.augment import BatchAugment, make_policy
-from cifarlib.errors import UserError
-from cifarlib.preprocess import evaluation_inputs
-from cifarlib.synthetic import make_images
+from cifarlib.core.errors import UserError
+from cifarlib.data import augment, geometry as geo
+from cifarlib.data.augment import BatchAugment, make_policy
+from cifarlib.data.preprocess import evaluation_inputs
+from cifarlib.data.synthetic import make_images
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -66,7 +66,7 @@ def test_real_photo_benchmark_runs_both_sides_on_a_tiny_folder(tmp_path, monkeyp
     import torch
     from PIL import Image
 
-    from cifarlib.synthetic import make_images
+    from cifarlib.data.synthetic import make_images
     labels = torch.arange(48) % 3
     for i, img in enumerate(make_images(labels, seed=0)):
         folder = tmp_path / "photos" / ["cat", "dog", "frog"][int(labels[i])]

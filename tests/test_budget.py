@@ -13,10 +13,12 @@ import signal
 import pytest
 import torch
 
-from cifarlib import budget, checkpoints, config, curves, runs, train, trial
-from cifarlib.budget import StageCost
-from cifarlib.config import make_config
-from cifarlib.errors import UserError
+from cifarlib.core.errors import UserError
+from cifarlib.model import checkpoints
+from cifarlib.training import budget, config, curves, train, trial
+from cifarlib.training.budget import StageCost
+from cifarlib.training.config import make_config
+from cifarlib.evaluation import runs
 
 TINY = dict(dataset="synthetic", weights="none", backbone="test_resnet", image_size=32, batch_size=16,
             max_train_samples=192, max_eval_samples=48, device="cpu")  # 12 steps an epoch

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from cifarlib import checkpoints
-from cifarlib.errors import UserError
+from cifarlib.core import files
+from cifarlib.core.errors import UserError
+from cifarlib.model import checkpoints
 
 
 def test_torch_save_on_a_full_disk_raises_a_runtime_error_chained_on_enospc(tmp_path, full_disk):
@@ -33,7 +34,7 @@ def test_a_full_disk_mid_save_is_the_full_disk_message_and_the_old_file_stays(tm
 
 def test_other_save_errors_keep_their_traceback(tmp_path):
     with pytest.raises(TypeError):
-        checkpoints.write_atomically(tmp_path / "x", lambda f: f.write("text, not bytes"))
+        files.write_atomically(tmp_path / "x", lambda f: f.write("text, not bytes"))
     assert list(tmp_path.iterdir()) == []
 
 

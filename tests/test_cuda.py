@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlib import checkpoints, loop, runtime, train
-from cifarlib.augment import BatchAugment
-from cifarlib.config import Stage, make_config
+from cifarlib.core import runtime
+from cifarlib.data.augment import BatchAugment
+from cifarlib.model import checkpoints
+from cifarlib.training import loop, train
+from cifarlib.training.config import Stage, make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

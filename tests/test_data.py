@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-from cifarlib import data, runtime, sources, synthetic
-from cifarlib.data import Batches, Split, load_cifar, split_train_val, stratified_pick
-from cifarlib.errors import UserError
+from cifarlib.core import runtime
+from cifarlib.core.errors import UserError
+from cifarlib.data import datasets as data, sources, synthetic
+from cifarlib.data.datasets import Batches, Split, load_cifar, split_train_val, stratified_pick
 
 LOAD = dict(verify_checksums=False, download=False, device="cpu")
 

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cifarlib import data, synthetic
+from cifarlib.data import datasets as data, synthetic
 
 
 def _worker(rank: int, world: int, root: str) -> None:
@@ -29,7 +29,7 @@ def test_only_rank_zero_writes_and_all_ranks_read_the_same(tmp_path):
 
 
 def _folder_worker(rank: int, world: int, root: str) -> None:
-    from cifarlib import imagecache
+    from cifarlib.data import imagecache
     dist.init_process_group("gloo", init_method=f"file://{root}/store2", rank=rank, world_size=world)
     real_decode = imagecache.decode
 

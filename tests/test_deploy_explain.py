@@ -18,13 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlib import export, preprocess
-from cifarlib.config import Stage, make_config
-from cifarlib.errors import UserError
-from cifarlib.evaluate import logits
+from cifarlib.core.errors import UserError
+from cifarlib.data import preprocess
+from cifarlib.data.synthetic import make_images
 from cifarlib.model import GROUPS
-from cifarlib.predict import Predictor
-from cifarlib.synthetic import make_images
+from cifarlib.model.inference import logits
+from cifarlib.training.config import Stage, make_config
+from cifarlib.serving import export
+from cifarlib.serving.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "samples" / "cifar100"
@@ -42,7 +43,7 @@ def patch_picture(colour, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def patch_checkpoint(tmp_path_factory):
     """best.pt of test_efficientnet trained on the patch folder (store_size 64, 256 px, no augmentation)."""
-    from cifarlib import train
+    from cifarlib.training import train
 
     root = tmp_path_factory.mktemp("patch")
     for k, (name, colour) in enumerate(COLOURS.items()):
@@ -152,9 +153,9 @@ def test_exported_cams_are_the_grad_cam_maps(patch_onnx, patch_predictor):
 
 
 def test_the_web_apps_onnx_predictor_gives_explains_maps(patch_onnx, patch_predictor):
-    """What the web app's pages run (cifarlib.onnxpredict, without torch), on an 8x8 map: Predictor's
+    """What the web app's pages run (cifarlib.serving.onnxpredict, without torch), on an 8x8 map: Predictor's
     predictions and Grad-CAM maps, for every picture of a batch."""
-    from cifarlib.onnxpredict import OnnxPredictor
+    from cifarlib.serving.onnxpredict import OnnxPredictor
     pictures = [patch_picture(c, 70 + i) for i, c in enumerate(COLOURS.values())]
     got = OnnxPredictor.from_export(patch_onnx[0]).predict_and_explain(pictures, top_k=3)
     for (p, heat), (q, want) in zip(got, patch_predictor.predict_and_explain(pictures, top_k=3)):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cifarlib.errors import UserError, cli_errors, show_errors_briefly
+from cifarlib.core.errors import UserError, cli_errors, show_errors_briefly
 
 
 def test_notebook_shows_a_user_error_as_its_message_alone(capsys):
@@ -10,7 +10,7 @@ def test_notebook_shows_a_user_error_as_its_message_alone(capsys):
     shell = InteractiveShell.instance()
     try:
         show_errors_briefly()
-        result = shell.run_cell("from cifarlib.errors import UserError\nraise UserError('no data in data/')")
+        result = shell.run_cell("from cifarlib.core.errors import UserError\nraise UserError('no data in data/')")
         out = capsys.readouterr()
         assert not result.success  # the cell still fails, so papermill stops there
         assert "UserError: no data in data/" in out.out + out.err

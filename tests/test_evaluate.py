@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from cifarlib import checkpoints, evaluate, synthetic
-from cifarlib.data import Split
-from cifarlib.errors import UserError
-from cifarlib.model import build_model
+from cifarlib.core.errors import UserError
+from cifarlib.data import synthetic
+from cifarlib.data.datasets import Split
+from cifarlib.model import build_model, checkpoints, inference
+from cifarlib.evaluation import evaluate
 
 # 4 samples, 3 classes: predictions 0, 2, 2, 1; truths 0, 1, 2, 1
 PROBS = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.2, 0.6], [0.3, 0.5, 0.2]])
@@ -53,10 +54,10 @@ def test_flip_tta_changes_nothing_on_symmetric_images():
     images = torch.cat([half, half.flip(-1)], -1)  # mirror-symmetric
     split = Split(images, torch.arange(6))
     args = (net, split, 32, (0.5,) * 3, (0.5,) * 3)
-    assert torch.allclose(evaluate.predict_split(*args), evaluate.predict_split(*args, flip=True), atol=1e-5)
+    assert torch.allclose(inference.predict_split(*args), inference.predict_split(*args, flip=True), atol=1e-5)
     asym = Split(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.arange(6))
     a = (net, asym, 32, (0.5,) * 3, (0.5,) * 3)
-    assert not torch.allclose(evaluate.predict_split(*a), evaluate.predict_split(*a, flip=True), atol=1e-5)
+    assert not torch.allclose(inference.predict_split(*a), inference.predict_split(*a, flip=True), atol=1e-5)
 
 
 def test_a_trained_checkpoint_is_evaluated_and_metrics_json_written(trained_checkpoint):

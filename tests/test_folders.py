@@ -18,14 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlib import data as data_module
-from cifarlib import evaluate, folders, imagecache, train
-from cifarlib.config import Stage, make_config
-from cifarlib.data import load_cifar
-from cifarlib.errors import UserError
-from cifarlib.model import GROUPS
-from cifarlib.predict import Predictor
-from cifarlib.synthetic import make_images
+from cifarlib.core.errors import UserError
+from cifarlib.data import folders, imagecache
+from cifarlib.data.__main__ import main as data_main
+from cifarlib.data.datasets import load_cifar
+from cifarlib.data.synthetic import make_images
+from cifarlib.model import GROUPS, inference
+from cifarlib.training import train
+from cifarlib.training.config import Stage, make_config
+from cifarlib.evaluation import evaluate
+from cifarlib.serving.predict import Predictor
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real" / "cifar10-train-jpeg.tar.gz"
 RED, BLUE = (200, 30, 30), (30, 40, 200)
@@ -114,7 +116,7 @@ FIRST_LOAD = """
 import json, resource, sys
 from pathlib import Path
 import psutil, torch
-from cifarlib.data import load_cifar
+from cifarlib.data.datasets import load_cifar
 root, cache = Path(sys.argv[1]), Path(sys.argv[2])
 base = psutil.Process().memory_info().rss
 d = load_cifar("folder", root, cache_dir=cache, store_size=512, val_fraction=0.25, device="cpu")
@@ -325,7 +327,7 @@ def error_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
 def test_every_bad_dataset_is_one_line_from_the_cli_with_exit_2(tmp_path, capsys):
     for case, (path, extra, words) in error_cases(tmp_path).items():
         with pytest.raises(SystemExit) as e:
-            data_module.main(["--dataset", "folder", "--data-dir", str(path), "--cache-dir", str(tmp_path / "c"), *extra])
+            data_main(["--dataset", "folder", "--data-dir", str(path), "--cache-dir", str(tmp_path / "c"), *extra])
         err = capsys.readouterr().err  # progress and notices may come first; the error is one line, last
         assert e.value.code == 2 and "Traceback" not in err, case
         assert err.endswith("\n") and err.count("error:") == 1, (case, err)
@@ -336,7 +338,7 @@ def test_every_bad_dataset_is_one_line_from_the_cli_with_exit_2(tmp_path, capsys
 
 
 def test_the_cli_summarises_a_folder_and_fails_cleanly_in_a_real_process(mixed, tmp_path, capsys):
-    data_module.main(["--dataset", "folder", "--data-dir", str(mixed), "--cache-dir", str(tmp_path / "c")])
+    data_main(["--dataset", "folder", "--data-dir", str(mixed), "--cache-dir", str(tmp_path / "c")])
     out = capsys.readouterr().out
     assert "classes: cat, dog" in out and "skipped 2 file(s)" in out and "train/cat/notes.txt: not a usable image" in out
     assert re.search(r"  train +\d+ images\n  val +\d+ images\n  test +0 images", out)
@@ -372,8 +374,8 @@ def test_a_folder_run_predicts_with_its_class_names_through_a_store_size_image(t
     p = Predictor.from_checkpoint(best, device="cpu")
     assert p.store_size == 64
     seen = []
-    real = evaluate.evaluation_inputs  # the one evaluation path, which prediction takes
-    monkeypatch.setattr(evaluate, "evaluation_inputs", lambda x, *a: seen.append(tuple(x.shape)) or real(x, *a))
+    real = inference.evaluation_inputs  # the one evaluation path, which prediction takes
+    monkeypatch.setattr(inference, "evaluation_inputs", lambda x, *a: seen.append(tuple(x.shape)) or real(x, *a))
     photo = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "photo.jpg")
     top = p.predict(tmp_path / "photo.jpg", top_k=3).top
@@ -458,8 +460,8 @@ def test_notebook_05_predicts_a_folder_run_stored_at_64_px(notebook_kernel, trai
 
 def test_the_upload_widget_shows_a_folder_run_its_64_px_image(trained_on_folder, tmp_path):
     pytest.importorskip("ipywidgets", reason="the upload widget needs ipywidgets")
-    from cifarlib.app import UploadApp
-    from cifarlib.preprocess import cifar_like
+    from cifarlib.data.preprocess import cifar_like
+    from cifarlib.serving.app import UploadApp
     _, best = trained_on_folder
     predictor = Predictor.from_checkpoint(best, device="cpu")
     app = UploadApp(predictor, top_k=3)

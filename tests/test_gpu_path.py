@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cifarlib import checkpoints, loop, runtime, train
-from cifarlib.augment import BatchAugment, make_policy
-from cifarlib.config import Stage, make_config
-from cifarlib.data import Split
-from cifarlib.errors import UserError
-from cifarlib.model import GROUPS, build_model, layer_groups
-from cifarlib.run import Run, StageRun
+from cifarlib.core import runtime
+from cifarlib.core.errors import UserError
+from cifarlib.data.augment import BatchAugment, make_policy
+from cifarlib.data.datasets import Split
+from cifarlib.model import GROUPS, build_model, checkpoints, layer_groups
+from cifarlib.training import loop, train
+from cifarlib.training.config import Stage, make_config
+from cifarlib.training.run import Run, StageRun
 
 
 def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
@@ -113,7 +114,7 @@ def test_the_saver_writes_in_order_and_reports_errors_once():
 
 
 def test_a_process_waits_for_its_last_save_before_exiting(tmp_path):
-    script = ("import time\nfrom cifarlib import checkpoints\n"
+    script = ("import time\nfrom cifarlib.model import checkpoints\n"
               f"checkpoints.SAVER.submit(lambda: (time.sleep(1), open({str(tmp_path / 'saved')!r}, 'w').write('done')))\n")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert (tmp_path / "saved").read_text() == "done"
@@ -187,9 +188,9 @@ def test_a_rank_without_validation_images_is_refused_not_left_to_hang(two_ranks)
 def test_evaluation_and_prediction_follow_the_device_plan(monkeypatch, trained_checkpoint):
     """They run with the device's own plan (on CUDA: bf16 autocast and channels_last), here a CPU
     plan with those choices standing in for it."""
-    from cifarlib.evaluate import predict_split
-    from cifarlib.predict import Predictor
-    from cifarlib.synthetic import make_images
+    from cifarlib.data.synthetic import make_images
+    from cifarlib.model.inference import predict_split
+    from cifarlib.serving.predict import Predictor
     gpu_like = runtime.DevicePlan(torch.device("cpu"), "bf16", False, True, 50)
     monkeypatch.setattr(runtime, "auto_plan", lambda device: gpu_like)
     seen = []

@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarlib import checkpoints, curves, guard, runtime, train
-from cifarlib.augment import BatchAugment
-from cifarlib.config import Stage, make_config
-from cifarlib.errors import UserError
+from cifarlib.core import runtime
+from cifarlib.core.errors import UserError
+from cifarlib.data.augment import BatchAugment
+from cifarlib.model import checkpoints
+from cifarlib.training import curves, guard, train
+from cifarlib.training.config import Stage, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="cpu", dataset="synthetic", weights="none", backbone="test_resnet", image_size=32, batch_size=32,

@@ -7,8 +7,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="the notebook runner needs nbformat and papermill")
 pm = pytest.importorskip("papermill", reason="the notebook runner needs nbformat and papermill")
 
-from cifarlib import notebook  # noqa: E402
-from cifarlib.errors import UserError  # noqa: E402
+from cifarlib.core import notebook  # noqa: E402
+from cifarlib.core.errors import UserError  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -40,7 +40,7 @@ def tiny_notebook(path: Path, code: str) -> Path:
 
 
 def test_the_command_prints_a_user_error_alone_and_exits_2(tmp_path, capfd):
-    src = tiny_notebook(tmp_path / "nb.ipynb", "from cifarlib.errors import UserError, show_errors_briefly\n"
+    src = tiny_notebook(tmp_path / "nb.ipynb", "from cifarlib.core.errors import UserError, show_errors_briefly\n"
                         "show_errors_briefly()\nraise UserError(f'no data in {y};\\nlook there')")
     with pytest.raises(SystemExit) as e:
         notebook.main([str(src), str(tmp_path / "out.ipynb"), "-p", "y", "data/", "--no-progress-bar"])

@@ -1,5 +1,5 @@
-"""The web app's page without torch: the exported model on onnxruntime (`cifarlib.onnxpredict`),
-the maps and overlays in numpy (`cifarlib.heatmap`), pictures by the same rule (`cifarlib.pictures`),
+"""The web app's page without torch: the exported model on onnxruntime (`cifarlib.serving.onnxpredict`),
+the maps and overlays in numpy (`cifarlib.evaluation.heatmap`), pictures by the same rule (`cifarlib.data.pictures`),
 giving what the PyTorch page gives."""
 
 import io
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cifarlib import heatmap, serve
-from cifarlib.errors import UserError
-from cifarlib.predict import Predictor
+from cifarlib.core.errors import UserError
+from cifarlib.evaluation import heatmap
+from cifarlib.serving import serve
+from cifarlib.serving.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "samples" / "cifar100"
@@ -53,12 +54,12 @@ def pictures():
     real = sorted(SAMPLES.glob("*.png"))[:7]
     if real:
         return real
-    from cifarlib.synthetic import make_images
+    from cifarlib.data.synthetic import make_images
     return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in make_images(torch.arange(0, 70, 10), seed=1)]
 
 
 def test_the_onnx_page_predicts_and_explains_as_the_pytorch_one(exported, trained_checkpoint):
-    from cifarlib.onnxpredict import OnnxPredictor
+    from cifarlib.serving.onnxpredict import OnnxPredictor
     onnx, torch_ = OnnxPredictor.from_export(exported), Predictor.from_checkpoint(trained_checkpoint, device="cpu")
     assert onnx.classes == torch_.classes and onnx.store_size == torch_.store_size
     for got, want in zip(onnx.predict_and_explain(pictures(), top_k=5), torch_.predict_and_explain(pictures(), top_k=5)):
@@ -70,7 +71,7 @@ def test_the_onnx_page_predicts_and_explains_as_the_pytorch_one(exported, traine
 
 def test_the_upload_app_on_onnxruntime_shows_what_it_shows_on_pytorch(exported, trained_checkpoint):
     pytest.importorskip("ipywidgets", reason="the upload widget needs ipywidgets")
-    from cifarlib.app import UploadApp, page_predictor
+    from cifarlib.serving.app import UploadApp, page_predictor
     picture = pictures()[0]
     data = picture.read_bytes() if isinstance(picture, Path) else png(picture)
     boxes = [UploadApp(page_predictor(str(trained_checkpoint), m)).show_file("cat.png", data) for m in ("", str(exported))]
@@ -93,8 +94,8 @@ def test_a_page_on_onnxruntime_never_imports_torch(exported, tmp_path):
     pytest.importorskip("ipywidgets", reason="the upload widget needs ipywidgets")
     code = f"""
 import sys
-from cifarlib import errors
-from cifarlib.app import UploadApp, page_predictor
+from cifarlib.core import errors
+from cifarlib.serving.app import UploadApp, page_predictor
 errors.show_errors_briefly()
 app = UploadApp(page_predictor("", {str(exported)!r}))
 box = app.show_file("p.png", open({str(tmp_path / 'p.png')!r}, "rb").read())
@@ -108,7 +109,7 @@ print("torch" in sys.modules)
 
 
 def test_a_missing_sidecar_or_maps_are_clear_errors(exported, tmp_path):
-    from cifarlib.onnxpredict import OnnxPredictor
+    from cifarlib.serving.onnxpredict import OnnxPredictor
     with pytest.raises(UserError, match=r"cannot read .*model.onnx.json.*export the checkpoint again"):
         OnnxPredictor.from_export(tmp_path / "model.onnx")
     shutil.copy(exported, tmp_path / "model.onnx")

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cifarlib import curves
-from cifarlib.augment import POLICIES
-from cifarlib.data import Split
-from cifarlib.plots import mixing_sample
-from cifarlib.run import Trace
+from cifarlib.data.augment import POLICIES
+from cifarlib.data.datasets import Split
+from cifarlib.training import curves
+from cifarlib.training.run import Trace
+from cifarlib.evaluation.plots import mixing_sample
 
 
 def test_the_mixing_preview_pairs_pictures_of_different_classes_on_class_ordered_data():
@@ -38,7 +38,7 @@ def test_figures_are_drawn_one_at_a_time(monkeypatch, draw):
     labels. Here each layout and rendering takes 0.1 s, and three threads ask at once."""
     from matplotlib.figure import Figure
 
-    from cifarlib import plots
+    from cifarlib.core import figures
     inside, most = [0], [0]
 
     def slow(self, *args, **kwargs):
@@ -52,7 +52,7 @@ def test_figures_are_drawn_one_at_a_time(monkeypatch, draw):
 
     def work():
         start.wait()
-        plots.png_bytes(Figure()) if draw == "png_bytes" else curves.loss_curves(HISTORY)
+        figures.png_bytes(Figure()) if draw == "png_bytes" else curves.loss_curves(HISTORY)
     threads = [threading.Thread(target=work) for _ in range(3)]
     for t in threads:
         t.start()
@@ -102,7 +102,7 @@ def test_the_curves_show_the_loss_and_each_groups_rate_within_epochs():
 
 
 def test_the_confusion_figure_says_grouped_by_superclass_only_where_there_are_superclasses():
-    from cifarlib import plots
+    from cifarlib.evaluation import plots
     cm = torch.eye(4, dtype=torch.long) * 5
     names = ["a", "b", "c", "d"]
     assert plots.class_confusion(cm, names).axes[0].get_title() == "classes"

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlib import checkpoints, preprocess
-from cifarlib.errors import UserError
-from cifarlib.predict import Predictor
-from cifarlib.synthetic import make_images
+from cifarlib.core.errors import UserError
+from cifarlib.data import preprocess
+from cifarlib.data.synthetic import make_images
+from cifarlib.model import checkpoints
+from cifarlib.serving.predict import Predictor
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "cifar100"
 
@@ -53,8 +54,8 @@ def test_predicts_from_path_bytes_pil_and_array_alike(predictor, picture, tmp_pa
 
 def test_predictions_agree_with_the_evaluation_path(predictor, trained_checkpoint):
     """A 32x32 image predicted from a file gets the same probabilities as in evaluation."""
-    from cifarlib.evaluate import predict_split
-    from cifarlib.data import Split
+    from cifarlib.data.datasets import Split
+    from cifarlib.model.inference import predict_split
     img = make_images(torch.tensor([7]), seed=9)
     ckpt = checkpoints.load(trained_checkpoint)
     probs = predict_split(predictor.model, Split(img, torch.tensor([7])), ckpt["image_size"], ckpt["mean"], ckpt["std"])
@@ -97,7 +98,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, trained_checkpoint):
 def test_cli_prints_a_table_per_image_and_fails_on_bad_ones(trained_checkpoint, picture, tmp_path, capsys):
     """One real process (the module's entry point, its exit status, no traceback); the other
     cases call the same `main` in this process."""
-    from cifarlib.predict import main
+    from cifarlib.serving.predict import main
     picture.save(tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     good, bad = str(tmp_path / "good.png"), str(tmp_path / "bad.jpg")
@@ -123,7 +124,7 @@ def upload(*files):
 def upload_app():
     """The widget's class; its tests skip where ipywidgets is not installed (a bare GPU machine)."""
     pytest.importorskip("ipywidgets", reason="the upload widget needs ipywidgets")
-    from cifarlib.app import UploadApp
+    from cifarlib.serving.app import UploadApp
     return UploadApp
 
 
@@ -163,7 +164,7 @@ def test_widget_survives_unexpected_errors_and_always_clears_the_upload(predicto
 
 def test_widget_refuses_a_file_over_20_mb_on_its_size_and_still_predicts_the_others(predictor, picture):
     UploadApp = upload_app()
-    from cifarlib import app as app_module
+    from cifarlib.serving import app as app_module
     big = png_bytes(picture) + bytes(app_module.MAX_BYTES)  # a PNG that decodes: only its size is wrong
     assert predictor.predict(big).top == predictor.predict(picture).top
     app = UploadApp(predictor, top_k=3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlib.preprocess import cifar_like, evaluation_inputs, normalization
+from cifarlib.data.preprocess import cifar_like, evaluation_inputs, normalization
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "cifar100"
 
@@ -98,13 +98,13 @@ def test_exif_orientation_is_applied():
 
 @pytest.mark.parametrize("bad", [b"", b"not an image at all", "/no/such/file.png"])
 def test_unusable_inputs_are_clear_errors(bad):
-    from cifarlib.errors import UserError
+    from cifarlib.core.errors import UserError
     with pytest.raises(UserError, match="not a usable image"):
         cifar_like(bad)
 
 
 def test_truncated_image_is_a_clear_error():
-    from cifarlib.errors import UserError
+    from cifarlib.core.errors import UserError
     buf = io.BytesIO()
     rgb_image(64, 64).save(buf, "PNG")
     with pytest.raises(UserError, match="not a usable image"):

@@ -1,5 +1,5 @@
 """Progress bars in logs: where stderr is not a terminal, a bar writes a line at most every 30 s,
-not one per update (training, decoding and downloading all draw through `cifarlib.progress`)."""
+not one per update (training, decoding and downloading all draw through `cifarlib.core.progress`)."""
 
 import io
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import tqdm.std
 
-from cifarlib import progress
+from cifarlib.core import progress
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cifarlib"
 
@@ -26,7 +26,7 @@ def test_a_bar_in_a_log_writes_at_most_every_30_seconds(monkeypatch):
 
 
 def test_every_bar_of_the_package_goes_through_it():
-    users = sorted(p.stem for p in PACKAGE.glob("*.py") if re.search(r"^\s*(from|import) tqdm", p.read_text(), re.M))
+    users = sorted(p.stem for p in PACKAGE.rglob("*.py") if re.search(r"^\s*(from|import) tqdm", p.read_text(), re.M))
     assert users == ["progress"], users
-    drawn = sorted(p.stem for p in PACKAGE.glob("*.py") if "progress.bar(" in p.read_text())
+    drawn = sorted(p.stem for p in PACKAGE.rglob("*.py") if "progress.bar(" in p.read_text())
     assert drawn == ["imagecache", "loop", "sources"], drawn

@@ -1,4 +1,4 @@
-"""The runs table (cifarlib.runs), its CLI and notebook 06, over run folders the tests write."""
+"""The runs table (cifarlib.evaluation.runs), its CLI and notebook 06, over run folders the tests write."""
 
 import csv
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cifarlib import runs
-from cifarlib.config import make_config, to_dict
 from cifarlib.model import GROUPS
+from cifarlib.training.config import make_config, to_dict
+from cifarlib.evaluation import runs
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_compare_runs.ipynb"
 STARTED = datetime(2026, 1, 2, 3, 4, 5)

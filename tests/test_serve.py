@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from cifarlib import serve
-from cifarlib.errors import UserError
+from cifarlib.core.errors import UserError
+from cifarlib.serving import serve
 
 
 def test_no_best_pt_is_a_clear_error_naming_the_folder_and_make_demo(tmp_path):
@@ -58,7 +58,7 @@ def test_the_checkpoint_and_its_model_are_injected_as_papermill_does(tmp_path, t
 
 
 def fake_export(calls):
-    """cifarlib.export.export as far as page_model sees it: the two files, and the call counted."""
+    """cifarlib.serving.export.export as far as page_model sees it: the two files, and the call counted."""
     def export(checkpoint, out, cams=False):
         calls.append((checkpoint, out, cams))
         out.write_bytes(b"onnx")
@@ -69,7 +69,7 @@ def fake_export(calls):
 
 def test_the_pages_model_is_exported_once_and_again_when_the_checkpoint_changes(tmp_path, trained_checkpoint,
                                                                                  monkeypatch):
-    from cifarlib import export
+    from cifarlib.serving import export
     calls = []
     monkeypatch.setattr(export, "export", fake_export(calls))
     checkpoint = tmp_path / "best.pt"
@@ -87,7 +87,7 @@ def test_the_pages_model_is_exported_once_and_again_when_the_checkpoint_changes(
 
 def test_a_checkpoint_that_cannot_be_exported_is_served_on_pytorch_with_a_notice(tmp_path, trained_checkpoint,
                                                                                  monkeypatch, capsys):
-    from cifarlib import export
+    from cifarlib.serving import export
 
     def refuse(*a, **k):
         raise UserError("--cams needs a head of global average pooling and one linear layer; export without it.")

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
-from cifarlib import checkpoints, model as model_lib, sources, train
-from cifarlib.augment import BatchAugment
-from cifarlib.config import make_config, parse_value, scale_epochs, stage_image_size
-from cifarlib.errors import UserError
+from cifarlib.core.errors import UserError
+from cifarlib.data import sources
+from cifarlib.data.augment import BatchAugment
+from cifarlib.model import backbones as model_lib, checkpoints
+from cifarlib.training import train
+from cifarlib.training.config import make_config, parse_value, scale_epochs, stage_image_size
 
 # device="cpu": these tests mean the CPU (exact resumes, gloo) even on a machine with a GPU
 TINY = dict(dataset="synthetic", weights="none", backbone="test_resnet", image_size=32, batch_size=32,
@@ -167,7 +169,7 @@ def test_loss_falls_and_a_run_writes_self_describing_files(tmp_path):
 
 
 def test_each_stage_trains_and_validates_at_its_own_size(tmp_path, monkeypatch):
-    from cifarlib import loop
+    from cifarlib.training import loop
     trained, validated = [], []
     real_augment, real_logits = BatchAugment.__call__, loop.logits
 

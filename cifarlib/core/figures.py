@@ -44,5 +44,5 @@ def png_bytes(fig, dpi: int = 110) -> bytes:
 
 def save_png(fig, path) -> None:
     """Save a figure as PNG through a temporary file and a rename."""
-    from .checkpoints import write_atomically
+    from .files import write_atomically
     write_atomically(path, png_bytes(fig))

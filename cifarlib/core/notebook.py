@@ -31,7 +31,7 @@ PROG = "python -m cifarlib.notebook"
 def parse_value(text: str):
     """A `-p` value as papermill reads it: True/False/None, then int, then float, else text.
 
-    Our own, not `cifarlib.config.parse_value` (the same rule), because importing the config
+    Our own, not `cifarlib.training.config.parse_value` (the same rule), because importing the config
     imports torch, torchvision and timm: seconds before the kernel even starts; nor papermill's,
     which is private (`papermill.cli._resolve_type`)."""
     if text in ("True", "False", "None"):

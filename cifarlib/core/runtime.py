@@ -51,7 +51,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 def project_root() -> Path:
     """The checkout that holds this package; the current directory if installed elsewhere."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     return here if (here / "pyproject.toml").is_file() else Path.cwd()
 
 

@@ -9,7 +9,7 @@ same with every random parameter drawn per sample, as tensors:
    and come before any geometry in the original, so they commute with the upsampling except for
    the interpolation of the non-linear steps (clamping, hue);
 2. flip, rotation, affine and perspective composed into one 3x3 matrix per sample
-   (`cifarlib.geometry`), and the resize to the output size folded in: a single `grid_sample` per
+   (`cifarlib.data.geometry`), and the resize to the output size folded in: a single `grid_sample` per
    image (per batch on a GPU, per cache-sized chunk on the CPU) instead of five resamples (coordinates are normalised to [-1, 1], so the resize is the identity there).
    Two knowing differences from the chain: the result is black only where the composed map
    leaves the image, so a corner that the rotation cut off and the affine step brought back
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import runtime
-from .errors import UserError
+from ..core import runtime
+from ..core.errors import UserError
 from .geometry import blacken_outside, geometry, sampling_grid
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights

@@ -7,12 +7,11 @@ and batched without workers.
 
 The validation split is cut from the official training set before any augmentation, stratified
 and seeded; it is evaluated with the same preprocessing as the test set. `python -m cifarlib.data`
-fetches and checks the data ahead of time. Image folders are read by `cifarlib.folders`.
+fetches and checks the data ahead of time. Image folders are read by `cifarlib.data.folders`.
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import folders, runtime, sources, synthetic
-from .errors import UserError, cli_errors
+from ..core import runtime
+from ..core.errors import UserError
+from . import folders, sources, synthetic
 from .splits import SPLITS, CifarData, Split, pick_splits, split_train_val, stratified_pick  # noqa: F401
 
 DATASETS = ("cifar100", "cifar10", "synthetic", "folder")
@@ -98,15 +98,15 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
                cache_dir: str | Path = "data", splits: tuple[str, ...] = SPLITS) -> CifarData:
     """Load a dataset, split off validation, cap the splits, and move everything to `device`.
 
-    `data_dir` follows the path rule of `cifarlib.runtime`. Sources are tried in order: the
-    extracted folder, the official tarball, a download (see `cifarlib.sources`). "synthetic"
+    `data_dir` follows the path rule of `cifarlib.core.runtime`. Sources are tried in order: the
+    extracted folder, the official tarball, a download (see `cifarlib.data.sources`). "synthetic"
     writes a small CIFAR-100-layout dataset to `data_dir/synthetic/` once and reads it back.
     `max_train_samples` caps the training split, `max_eval_samples` the validation and test
     splits, each stratified where the count allows. Under torchrun only rank 0 writes files.
 
     "folder" reads your pictures from `data_dir` (a folder, or an archive of one, extracted
     into `cache_dir`), decoded at `store_size` and cached in `cache_dir`; only the `splits`
-    named are decoded, the others come back empty. See `cifarlib.folders`.
+    named are decoded, the others come back empty. See `cifarlib.data.folders`.
     """
     _check_args(dataset, val_fraction, {"max_train_samples": max_train_samples,
                                         "max_eval_samples": max_eval_samples})

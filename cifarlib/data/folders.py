@@ -18,7 +18,7 @@ puts it in zip files); every other file anywhere below a class folder is tried a
 torchvision's ImageFolder does.
 
 Validation is the validation folder if there is one, else a stratified, seeded `val_fraction` of
-`train/`; then the caps. All of it picks files, before anything is decoded; `cifarlib.imagecache`
+`train/`; then the caps. All of it picks files, before anything is decoded; `cifarlib.data.imagecache`
 decodes only the picked files, at `store_size`, and caches them.
 """
 
@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
-from . import imagecache, runtime, sources
+from ..core import runtime
+from ..core.errors import UserError, notice
+from . import imagecache, sources
 from .splits import SPLITS, CifarData, Split, pick_splits
-from .errors import UserError, notice
 
 VAL_NAMES = ("val", "valid", "validation")
 SPLIT_NAMES = ("train", *VAL_NAMES, "test")
@@ -233,7 +234,7 @@ def list_folder(root: Path) -> Listing:
 
 def _check_fits(n: int, size: int, device: torch.device) -> None:
     """Refuse, before decoding, a dataset that would not leave room for training on `device`. A
-    first load holds one copy of the images in memory (see `cifarlib.imagecache`), and the splits
+    first load holds one copy of the images in memory (see `cifarlib.data.imagecache`), and the splits
     are views of it."""
     need = n * 3 * size * size
     known = [m for m in (runtime.available_memory(device), runtime.available_memory(torch.device("cpu"))) if m is not None]

@@ -3,7 +3,7 @@ matrices in normalised coordinates ([-1, 1] across the image, pixel centres as g
 align_corners=False), composed per sample and applied with a single resample.
 
 Normalised coordinates make the resize from 32 px to the output size the identity, so one
-`grid_sample` does the geometry and the resize together. `cifarlib.augment` draws the parameters
+`grid_sample` does the geometry and the resize together. `cifarlib.data.augment` draws the parameters
 and builds the matrices and their inverses on the CPU (`geometry`, `torch.linalg.inv`): solving
 small systems on a GPU makes the host wait for it, so only the finished inverses travel.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import runtime
+from ..core import runtime
 
 
 def _rotation(deg: torch.Tensor, tx=None, ty=None) -> torch.Tensor:

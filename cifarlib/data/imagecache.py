@@ -2,7 +2,7 @@
 
 `load(root, paths, sizes, mtimes, picked, store_size, cache_dir)` gives the picked files' images
 (N, 3, S, S) and, per file, why it could not be used ("" when it could). Each file goes through
-`cifarlib.preprocess.cifar_like` at `store_size` (EXIF rotation, any mode to 8-bit RGB,
+`cifarlib.data.preprocess.cifar_like` at `store_size` (EXIF rotation, any mode to 8-bit RGB,
 transparency on white, shorter side resized, centre cropped square): the rule for a user's
 picture, so a photo is later shown to the model as its training images were.
 
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from . import progress
-from .checkpoints import write_atomically
-from .errors import UserError, notice, os_error
+from ..core import progress
+from ..core.errors import UserError, notice, os_error
+from ..core.files import write_atomically
 from .preprocess import cifar_like
 
 VERSION = 1

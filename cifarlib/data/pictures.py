@@ -1,9 +1,9 @@
 """User pictures without PyTorch: decoding by the rule for user pictures, and the fit to the stored size.
 
-The rule (the module docstring of `cifarlib.preprocess` gives it whole) applied with PIL and numpy
+The rule (the module docstring of `cifarlib.data.preprocess` gives it whole) applied with PIL and numpy
 alone, so that the web app's pages, which run their model with onnxruntime, need not import torch
 (torch, timm and torchvision are about 700 of the 820 MB a page on PyTorch holds in a process of
-its own, benchmarks/README.md, "The web app under load"). `cifarlib.preprocess` re-exports
+its own, benchmarks/README.md, "The web app under load"). `cifarlib.data.preprocess` re-exports
 these and wraps `fit` for torch: there is one implementation of the rule.
 """
 
@@ -17,7 +17,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from ..core.errors import UserError
 
 CIFAR_SIZE = 32
 MAX_PIXELS = 50_000_000  # larger pictures are refused before decoding (decompression bombs)
@@ -83,6 +83,6 @@ def fit(image: Image.Image, size: int) -> np.ndarray:
 
 
 def cifar_like(image: Picture, size: int = CIFAR_SIZE) -> np.ndarray:
-    """Any picture -> uint8 (size, size, 3), as `cifarlib.preprocess.cifar_like` (which gives it
+    """Any picture -> uint8 (size, size, 3), as `cifarlib.data.preprocess.cifar_like` (which gives it
     as a (3, size, size) tensor)."""
     return fit(decode(image, 2 * size), size)

@@ -10,7 +10,7 @@ images were stored at (32 px for CIFAR, a run's `store_size` for image folders) 
 cropped square (`ImageOps.fit`, with antialiasing); then resize and normalise like a test image.
 The original project resized photos straight to 224 px, a sharpness the model never saw in
 training: every training image was upsampled from 32 px. Image folders are decoded to their
-`store_size` by this same function (`cifarlib.imagecache`), so training and prediction agree.
+`store_size` by this same function (`cifarlib.data.imagecache`), so training and prediction agree.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError
-from .pictures import CIFAR_SIZE, MAX_PIXELS, Picture, decode, to_rgb  # noqa: F401  (the rule without torch)
+from ..core.errors import UserError
 from . import pictures
+from .pictures import CIFAR_SIZE, MAX_PIXELS, Picture, decode, to_rgb  # noqa: F401  (the rule without torch)
 
 
 def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,6 +1,6 @@
 """Finding the CIFAR files on disk: extracted folder, then official tarball, then a download.
 
-Everything here works on files; `cifarlib.data` turns the folder it returns into tensors.
+Everything here works on files; `cifarlib.data.datasets` turns the folder it returns into tensors.
 Official MD5 checksums are verified by default; `verify_checksums=False` accepts files a user
 rebuilt in the same pickle layout. Extraction and download go through temporary names and a
 rename, so an interrupted or failed attempt never leaves a half-written folder or tarball that a
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from . import progress
-from .errors import UserError, disk_full
+from ..core import progress
+from ..core.errors import UserError, disk_full
 
 DOWNLOAD_TIMEOUT_S = 10  # for the name lookup, the connection and each read
 

@@ -1,8 +1,8 @@
 """Datasets as device-resident uint8 tensors: `Split` and `CifarData`, and how splits are cut
 (stratified, seeded) and capped.
 
-A module of its own, below both `cifarlib.data` (CIFAR, and the entry point for every dataset)
-and `cifarlib.folders` (your pictures), so that neither imports the other's way up.
+A module of its own, below both `cifarlib.data.datasets` (CIFAR, and the entry point for every dataset)
+and `cifarlib.data.folders` (your pictures), so that neither imports the other's way up.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sources import move_into_place
 from .classes import (CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_FINE_TO_COARSE,
                       CIFAR100_SUPERCLASSES)
+from .sources import move_into_place
 
 _PALETTES = torch.tensor([  # (foreground RGB, background RGB)
     [[220, 60, 50], [40, 60, 110]],

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints, runtime
-from .data import Batches, Split, load_cifar
-from .errors import UserError
-from .model import from_checkpoint
-from .preprocess import evaluation_inputs
+from ..core import runtime
+from ..core.errors import UserError
+from ..data.datasets import Split, load_cifar
+from ..model import checkpoints
+from ..model.backbones import from_checkpoint
+from ..model.inference import predict_split
 
 
 def confident_mistakes(probs: torch.Tensor, labels: torch.Tensor, n: int = 16):

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..data.preprocess import cifar_like, evaluation_inputs
 from .evaluate import confident_mistakes
 from .heatmap import overlay as overlay_array
-from .preprocess import cifar_like, evaluation_inputs
 
 
 _LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layer's name, found once
@@ -102,7 +102,7 @@ def overlay(image: torch.Tensor, heat: torch.Tensor | np.ndarray, size: int | No
             alpha: float = 0.5) -> Image.Image:
     """A picture (uint8 (3, h, w)) with its map (h, w) in [0, 1] laid over it in the `jet`
     colours, blended `alpha`; enlarged to `size` px (the picture nearest, the map bilinear):
-    `cifarlib.heatmap.overlay`, which the web app's pages use without torch."""
+    `cifarlib.evaluation.heatmap.overlay`, which the web app's pages use without torch."""
     return overlay_array(image.permute(1, 2, 0).cpu().numpy(), np.asarray(heat, dtype=np.float32), size, alpha)
 
 

@@ -1,11 +1,11 @@
 """Maps of where the model looked, as numbers and as pictures, with numpy alone.
 
-`cam_map` turns one class activation map (the exported model's `cams` output, `cifarlib.export`)
+`cam_map` turns one class activation map (the exported model's `cams` output, `cifarlib.serving.export`)
 into the map `Predictor.explain` gives: negative values cut, scaled to [0, 1] as torchcam scales
 Grad-CAM's (minimum subtracted, divided by the new maximum plus 1e-8; an even map is all zeros),
 and resized to the picture's stored size as `F.interpolate(mode="bilinear", align_corners=False)`
-does. `overlay` lays a map over a picture in matplotlib's `jet` colours (`cifarlib.explain.overlay`
-is this function). Why numpy: the web app's pages run without torch (`cifarlib.onnxpredict`),
+does. `overlay` lays a map over a picture in matplotlib's `jet` colours (`cifarlib.evaluation.explain.overlay`
+is this function). Why numpy: the web app's pages run without torch (`cifarlib.serving.onnxpredict`),
 which is most of a page's memory when it is imported (benchmarks/README.md).
 """
 

@@ -1,20 +1,16 @@
-"""Figures and tables for the notebooks: image grids, class tables, balance and statistics, the
-evaluation's figures, and the helpers every figure uses (one drawing at a time, PNG bytes). Training
-curves and runs compared are in `cifarlib.curves`."""
+"""Figures and tables for the notebooks: image grids, class tables, balance and statistics, and the
+evaluation's figures. The helpers every figure uses (one drawing at a time, PNG bytes) are in
+`cifarlib.core.figures`; training curves and runs compared, in `cifarlib.training.curves`."""
 
 from __future__ import annotations
 
-import functools
-import threading
-
 import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
 import pandas as pd
 import seaborn as sns
 import torch
 
+from ..data.datasets import CifarData, Split
 from . import evaluate
-from .data import CifarData, Split
 
 
 def to_display(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:

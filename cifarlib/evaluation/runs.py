@@ -9,7 +9,7 @@ checkpoint), so a hundred runs take a fraction of a second (`benchmarks/bench_ru
 that is missing or unreadable is named in the run's `problem`, and the table is built all the
 same; a run with a config and no history yet is simply `unfinished`.
 
-`status` replays the training loop's early-stopping rule (`cifarlib.stopping`) over the
+`status` replays the training loop's early-stopping rule (`cifarlib.training.stopping`) over the
 history's validation losses: `finished` (every stage ran all its epochs), `stopped early` (the
 run is complete, but a stop cut a stage short or ended the run), `interrupted` (a `last.pt` but
 no finished epoch yet: stopped, or saved periodically, inside its first epoch, and resumable),
@@ -30,9 +30,10 @@ from typing import Any
 
 import pandas as pd
 
-from . import runtime
-from .stopping import replay
-from .errors import UserError, cli_errors
+from ..core import runtime
+from ..core.errors import UserError, cli_errors
+from ..core.files import write_atomically
+from ..training.stopping import replay
 
 COLUMNS = ["run", "started", "status", "preset", "backbone", "weights", "dataset", "image_size", "batch_size",
            "precision", "epochs_done", "epochs_planned", "best_val_acc", "best_val_acc_epoch", "best_val_loss",
@@ -112,7 +113,7 @@ def _plan(cfg: dict[str, Any]) -> tuple[list[int], int, bool]:
 
 def run_status(val_loss: list[float], stages: list[int], patience: int, stop_ends_run: bool) -> tuple[str, int]:
     """The status of a history of validation losses, and how many of its epochs the plan covers:
-    the training loop's own early-stopping rule, replayed (`cifarlib.stopping`)."""
+    the training loop's own early-stopping rule, replayed (`cifarlib.training.stopping`)."""
     return replay(val_loss, stages, patience, stop_ends_run)
 
 
@@ -310,8 +311,6 @@ def as_text(df: pd.DataFrame) -> str:
 
 def write_csv(df: pd.DataFrame, path: str) -> Path:
     """The table as CSV (header: COLUMNS), written atomically; returns where it went."""
-    from .checkpoints import write_atomically  # imports torch: only when a CSV is asked for
-
     out = runtime.resolve_path(path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,9 @@ import torch
 import torchvision
 from torch import nn
 
-from . import runtime, sources
-from .errors import UserError
+from ..core import runtime
+from ..core.errors import UserError
+from ..data import sources
 
 GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 

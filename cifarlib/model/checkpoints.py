@@ -28,8 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-from . import runtime
-from .errors import UserError, disk_full
+from ..core import runtime
+from ..core.errors import UserError, disk_full
+from ..core.files import write_atomically
 
 FORMAT = 1
 

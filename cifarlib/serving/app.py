@@ -1,13 +1,13 @@
 """The upload app of notebook 05: pictures in, top-k classes out, a clear message per bad file.
 
-Built on ipywidgets 8; `make app` serves the notebook as a web page (see `cifarlib.serve`). The
+Built on ipywidgets 8; `make app` serves the notebook as a web page (see `cifarlib.serving.serve`). The
 upload callback hands each file's bytes to the predictor and shows what comes back; it then clears
 the upload, so that the pictures' bytes are kept neither in the kernel nor in the widget state
 that a saved notebook would store.
 
 The app needs neither torch nor the model's library: it takes any predictor with `store_size`,
-`predict` and `predict_and_explain` (`cifarlib.predict.Predictor`, on PyTorch, or
-`cifarlib.onnxpredict.OnnxPredictor`, on onnxruntime, which the web app's pages run because it
+`predict` and `predict_and_explain` (`cifarlib.serving.predict.Predictor`, on PyTorch, or
+`cifarlib.serving.onnxpredict.OnnxPredictor`, on onnxruntime, which the web app's pages run because it
 costs them a quarter of the memory). `page_predictor` picks one for notebook 05.
 """
 
@@ -20,9 +20,9 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
-from .heatmap import overlay
-from .pictures import decode, fit
+from ..core.errors import UserError
+from ..data.pictures import decode, fit
+from ..evaluation.heatmap import overlay
 from .prediction import Prediction
 
 ACCEPT = ".jpg,.jpeg,.png,.webp"
@@ -50,9 +50,9 @@ def page_predictor(checkpoint: str = "", onnx_model: str = ""):
     (what `make app` serves), else `checkpoint` (or the newest) on PyTorch."""
     if onnx_model:
         from .onnxpredict import OnnxPredictor
-        from .runtime import resolve_path
+        from ..core.runtime import resolve_path
         return OnnxPredictor.from_export(resolve_path(onnx_model))
-    from .evaluate import newest_checkpoint
+    from ..evaluation.evaluate import newest_checkpoint
     from .predict import Predictor
     return Predictor.from_checkpoint(checkpoint or newest_checkpoint())
 

@@ -1,4 +1,4 @@
-"""Voilà, set up to hold a classroom: what `make app` runs once `cifarlib.serve` has prepared the page.
+"""Voilà, set up to hold a classroom: what `make app` runs once `cifarlib.serving.serve` has prepared the page.
 
     python -m cifarlib.appserver NOTEBOOK [--host H] [--port P] [--max-visitors N] [--pool N]
                                  [--cull-idle S] [--cull-interval S]
@@ -46,6 +46,7 @@ import asyncio
 import html
 import os
 import sys
+from pathlib import Path
 
 import tornado.web
 from jupyter_server._tz import utcnow
@@ -191,8 +192,8 @@ def voila_arguments(notebook: str, host: str, port: int, max_visitors: int, pool
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cifarlib.appserver", description=__doc__.splitlines()[0])
-    ap.add_argument("notebook", help="the notebook to serve, its parameters already injected (cifarlib.serve)")
+    ap = argparse.ArgumentParser(prog="python -m cifarlib.serving.appserver", description=__doc__.splitlines()[0])
+    ap.add_argument("notebook", help="the notebook to serve, its parameters already injected (cifarlib.serving.serve)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8866)
     ap.add_argument("--max-visitors", type=int, default=0, help="the most pages at once (0: no limit)")
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cull-interval", type=int, default=CULL_INTERVAL, help="seconds between the culler's checks")
     args = ap.parse_args(argv)
     # the kernels start in the notebook's folder: let them import the cifarlib that prepared it
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Open http://{url_host}:{args.port}/ in a browser (Ctrl-C stops the server).", file=sys.stdout, flush=True)
@@ -211,6 +212,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from cifarlib import appserver  # this module by its name, as Voilà imports PageKernels, not as __main__
+    from cifarlib.serving import appserver  # this module by its name, as Voilà imports PageKernels, not as __main__
 
     appserver.main()

@@ -7,7 +7,7 @@ writes `PATH` (default: `model.onnx` beside the checkpoint) and `PATH.json`.
 The model's input, `images`, is a batch of uint8 RGB pictures at the checkpoint's stored size in
 NHWC layout, (batch, store_size, store_size, 3): what `np.asarray` of a PIL image gives, stacked.
 The batch axis is dynamic. The graph does the rest of the evaluation path
-(`cifarlib.preprocess.evaluation_inputs`): the bilinear resize to the model's input size and the
+(`cifarlib.data.preprocess.evaluation_inputs`): the bilinear resize to the model's input size and the
 backbone's normalisation. Its output, `logits`, is float32 (batch, classes). Left to the caller
 is the first half of the rule for user pictures: EXIF rotation, RGB, the shorter side resized to
 the stored size and the centre cropped (the README's "Export and deploy" does it in a dozen lines
@@ -26,7 +26,7 @@ stored size is `Predictor.explain`'s map for class c, computed without PyTorch o
 The export uses torch's dynamo exporter (TorchScript is deprecated in this torch), offline, and
 keeps the weights inside the one file (`external_data=False`). Before the file takes its name,
 onnxruntime runs it on 7 seeded random pictures and its logits must agree with PyTorch's
-(`cifarlib.evaluate.logits`) to 1e-3 with the same top class; a failed export leaves any earlier
+(`cifarlib.model.inference.logits`) to 1e-3 with the same top class; a failed export leaves any earlier
 file in place.
 """
 
@@ -41,9 +41,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, runtime
-from .errors import UserError, cli_errors
-from .preprocess import CIFAR_SIZE, evaluation_inputs
+from .. import __version__
+from ..core import runtime
+from ..core.errors import UserError, cli_errors
+from ..core.files import write_atomically
+from ..data.preprocess import CIFAR_SIZE, evaluation_inputs
 
 NEEDED = ("onnx", "onnxscript", "onnxruntime")  # torch's exporter imports onnxscript; the check runs onnxruntime
 TOLERANCE = 1e-3  # largest difference allowed between onnxruntime's logits and PyTorch's (fp32)
@@ -65,7 +67,7 @@ class Deployed(nn.Module):
 
 
 def classifier(model: nn.Module) -> nn.Linear:
-    from .model import head_name
+    from ..model.backbones import head_name
     return model.get_submodule(head_name(model))
 
 
@@ -105,7 +107,7 @@ def _writable(out: Path) -> None:
 def _check(onnx_bytes: bytes, model: nn.Module, ckpt: dict, cams: bool) -> float:
     """onnxruntime against PyTorch on 7 seeded random pictures; the largest logit difference."""
     import onnxruntime as ort
-    from .evaluate import logits
+    from ..model.inference import logits
 
     size = ckpt.get("store_size", CIFAR_SIZE)
     images = torch.randint(0, 256, (7, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -124,8 +126,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
     require()
     import onnx
 
-    from . import checkpoints
-    from .model import from_checkpoint
+    from ..model import checkpoints
+    from ..model.backbones import from_checkpoint
 
     path = runtime.resolve_path(checkpoint)
     model, ckpt = from_checkpoint(path, "cpu")
@@ -152,7 +154,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
     onnx.checker.check_model(onnx.load_from_string(data))
     diff = _check(data, model, ckpt, cams)
     sidecar = out.with_name(out.name + ".json")
-    checkpoints.write_atomically(out, data, "Free some space, or choose another --out.")
+    write_atomically(out, data, "Free some space, or choose another --out.")
     val_acc = (ckpt.get("metrics") or {}).get("val_acc")
     checkpoints.write_json({"classes": list(ckpt["classes"]), "store_size": size, "layout": "NHWC", "dtype": "uint8",
                             "backbone": ckpt["backbone"], "version": __version__, "val_acc": val_acc,

@@ -3,10 +3,10 @@
     p = OnnxPredictor.from_export("runs/app/model.onnx")   # written by python -m cifarlib.export CKPT --cams
     prediction, heat = p.predict_and_explain("cat.jpg")
 
-The same interface as `cifarlib.predict.Predictor` for what the upload app needs (`predict`,
+The same interface as `cifarlib.serving.predict.Predictor` for what the upload app needs (`predict`,
 `predict_and_explain`, `classes`, `store_size`), and the same results: the picture is made
-CIFAR-like by the same rule (`cifarlib.pictures`), the graph does the resize and normalisation,
-and the map of the top class is Grad-CAM's, from the export's `cams` output (`cifarlib.heatmap`).
+CIFAR-like by the same rule (`cifarlib.data.pictures`), the graph does the resize and normalisation,
+and the map of the top class is Grad-CAM's, from the export's `cams` output (`cifarlib.evaluation.heatmap`).
 
 Why: this is what the web app's pages run. A page that imports torch to run the model holds four
 to six times the memory of one that runs the exported model with onnxruntime: with
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .heatmap import cam_map
-from .pictures import cifar_like
+from ..core.errors import UserError
+from ..data.pictures import cifar_like
+from ..evaluation.heatmap import cam_map
 from .prediction import Prediction, top_predictions
 
 

@@ -4,7 +4,7 @@
     p.predict("cat.jpg").top          # [("leopard", 0.41), ("tiger", 0.22), ...]
 
 Class names, normalisation and image size come from the checkpoint (read with
-`torch.load(weights_only=True)`). Each picture is brought by `cifarlib.preprocess.cifar_like` to
+`torch.load(weights_only=True)`). Each picture is brought by `cifarlib.data.preprocess.cifar_like` to
 the size the model's training images were stored at (the checkpoint's `store_size`, or 32 when
 it has none, as in older checkpoints) and then takes the evaluation path, on the GPU when there
 is one.
@@ -20,13 +20,13 @@ import sys
 import numpy as np
 import torch
 
-from . import runtime
-from .errors import UserError, cli_errors
-from .model import from_checkpoint
-from .evaluate import logits
+from ..core import runtime
+from ..core.errors import UserError, cli_errors
+from ..data.preprocess import CIFAR_SIZE, cifar_like
+from ..model.backbones import from_checkpoint
+from ..model.inference import logits
 from .prediction import Prediction, format_prediction  # noqa: F401  (where callers have always found them)
 from .prediction import top_predictions
-from .preprocess import CIFAR_SIZE, cifar_like
 
 
 class Predictor:
@@ -67,11 +67,11 @@ class Predictor:
         return top_predictions(probs.float().numpy(), top_k, self.classes, self.superclasses, self.fine_to_coarse)
 
     def explain(self, images, class_index: int | list[int] | None = None):
-        """Where the model looked (Grad-CAM, `cifarlib.explain`): one picture, as `predict` takes it,
+        """Where the model looked (Grad-CAM, `cifarlib.evaluation.explain`): one picture, as `predict` takes it,
         -> a float32 array (store_size, store_size) in [0, 1], for `class_index` (by default the
         top class); a list -> a list."""
         single, batch = self._pictures(images)
-        from .explain import gradcam
+        from ..evaluation.explain import gradcam
         _, maps = gradcam(self.model, batch, self.size, self.mean, self.std, class_index)
         out = list(maps.cpu().numpy().astype(np.float32))
         return out[0] if single else out
@@ -80,7 +80,7 @@ class Predictor:
         """`predict` and `explain` (for the top class) from one forward pass: a (Prediction, map)
         pair per picture; a list of pictures gives a list of pairs."""
         single, batch = self._pictures(images, top_k)
-        from .explain import gradcam
+        from ..evaluation.explain import gradcam
         scores, maps = gradcam(self.model, batch, self.size, self.mean, self.std)
         out = list(zip(self._top(scores.softmax(1).cpu(), top_k), maps.cpu().numpy().astype(np.float32)))
         return out[0] if single else out

@@ -1,5 +1,5 @@
-"""What a prediction is, whichever engine made it: PyTorch (`cifarlib.predict`) or onnxruntime
-(`cifarlib.onnxpredict`, the web app's pages). The top classes, the superclass, and how they print.
+"""What a prediction is, whichever engine made it: PyTorch (`cifarlib.serving.predict`) or onnxruntime
+(`cifarlib.serving.onnxpredict`, the web app's pages). The top classes, the superclass, and how they print.
 A module of its own so that a page without torch can build and show predictions."""
 
 from __future__ import annotations

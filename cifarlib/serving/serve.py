@@ -7,18 +7,18 @@ The checkpoint (by default the newest best.pt under checkpoints/) is checked fir
 usable one, this exits with one message before any server starts. It is then exported to ONNX
 with its activation maps (`cifarlib.export --cams`, once per checkpoint, kept beside the prepared
 notebook), so that each page runs it on onnxruntime without importing torch: a quarter of
-the memory per page (`cifarlib.onnxpredict` says why). A checkpoint that cannot be exported so (a
+the memory per page (`cifarlib.serving.onnxpredict` says why). A checkpoint that cannot be exported so (a
 head that is not average pooling and one linear layer, or onnx not installed) is served on
 PyTorch instead, with a notice. The checkpoint and the model are injected into a copy of the
 notebook as `papermill --prepare-only ... -p checkpoint PATH -p onnx_model MODEL` would do, in
-runs/app/. Voilà then serves that copy at http://HOST:PORT/ (`cifarlib.appserver`, which this
+runs/app/. Voilà then serves that copy at http://HOST:PORT/ (`cifarlib.serving.appserver`, which this
 process becomes, so that the memory the checks took is given back): visitors see the notebook's
 text, outputs and widgets, never its code, tracebacks or parameters, and cannot change them.
 
 How many visitors at once: `--max-visitors`, by default what the memory available at start
 holds, 1 GB kept free, at a page's measured cost (`PAGE_MB`, plus the model's weights) with the
 pool's kernels counted first. The pool, the culling of kernels whose pages are gone, and the
-busy page past the limit are `cifarlib.appserver`'s.
+busy page past the limit are `cifarlib.serving.appserver`'s.
 
 `FileUpload` sends a whole selection in one websocket message, which tornado cuts at 10 MiB by
 default; the server raises that to `MAX_MESSAGE` (100 MB), so a selection larger than that
@@ -34,8 +34,9 @@ import socket
 import sys
 from pathlib import Path
 
-from . import __version__, runtime
-from .errors import UserError, cli_errors
+from .. import __version__
+from ..core import runtime
+from ..core.errors import UserError, cli_errors
 
 NOTEBOOK = "notebooks/05_inference_widget.ipynb"
 PREPARED = "runs/app/05_inference_widget.ipynb"
@@ -48,7 +49,7 @@ RESERVE_MB = 1024  # kept free for the server, the system and whatever else runs
 POOL = 2  # preheated kernels: each holds a page's memory while it waits
 # A kernel whose page is gone (closed without telling the server, or no longer answering its pings)
 # ends after CULL_IDLE s idle, checked every CULL_INTERVAL s; one whose page is connected never
-# does. Why these values: cifarlib.appserver's docstring.
+# does. Why these values: cifarlib.serving.appserver's docstring.
 CULL_IDLE, CULL_INTERVAL = 60, 10
 MAX_MESSAGE = 100_000_000  # bytes; tornado's default is 10 MiB
 REMEDY = ("`make demo` writes a small one in about a minute (checkpoints/demo/best.pt), and a training run "
@@ -57,7 +58,7 @@ REMEDY = ("`make demo` writes a small one in about a minute (checkpoints/demo/be
 
 def pick_checkpoint(path: str | None = None, root: str = "checkpoints") -> Path:
     """The checkpoint to serve, checked by loading it as notebook 05 will; a clear error if unusable."""
-    from .evaluate import newest_checkpoint
+    from ..evaluation.evaluate import newest_checkpoint
     from .predict import Predictor
 
     if not path:
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
           f"its page is closed, or {args.cull_idle}-{args.cull_idle + args.cull_interval} s after its page is gone.",
           flush=True)
     # this process becomes the server: the memory that checking and exporting took is given back
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    os.execv(sys.executable, [sys.executable, "-m", "cifarlib.appserver", str(notebook), "--host", args.host,
+    os.execv(sys.executable, [sys.executable, "-m", "cifarlib.serving.appserver", str(notebook), "--host", args.host,
                               "--port", str(args.port), "--max-visitors", str(limit), "--pool", str(args.pool),
                               "--cull-idle", str(args.cull_idle), "--cull-interval", str(args.cull_interval)])
 

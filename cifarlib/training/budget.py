@@ -1,7 +1,7 @@
 """Train to the time you have: the stages' lengths planned to a wall-clock budget.
 
 Given what a stage costs (the seconds of one optimizer step at its image size with its trainable
-layers, and of one validation pass at that size, measured by `cifarlib.trial.probe`), `fit`
+layers, and of one validation pass at that size, measured by `cifarlib.training.trial.probe`), `fit`
 chooses every stage's length in optimizer steps so that the whole run ends near the budget:
 
 - the preset's proportions between stages are kept (a stage's share of the epochs), by one

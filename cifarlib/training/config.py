@@ -62,8 +62,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
-from .errors import UserError
-from .model import GROUPS
+from ..core.errors import UserError
+from ..model.backbones import GROUPS
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Config:
     optimizer: str = "sgd"        # "sgd" (Nesterov) or "adamw"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augmentation: str = "original"  # a policy of cifarlib.augment
+    augmentation: str = "original"  # a policy of cifarlib.data.augment
     patience: int = 10            # epochs without a better validation loss before stopping
     stop_ends_run: bool = False   # True: early stopping ends the run; False: only the stage
     cycle_momentum: bool = True   # OneCycleLR's momentum cycling (PyTorch's default)
@@ -257,7 +257,7 @@ def make_config(preset: str = "original", **overrides) -> Config:
 
 def _check_plan_settings(values: dict[str, Any]) -> None:
     """The device plan's settings, checked for their form; whether the device can run them is
-    checked when the plan is resolved (`cifarlib.runtime.resolve_plan`)."""
+    checked when the plan is resolved (`cifarlib.core.runtime.resolve_plan`)."""
     if values.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32', not {values['precision']!r}.")
     for key in ("fused", "channels_last"):

@@ -1,7 +1,8 @@
 """Training curves, and runs compared: a run's loss and learning rates within epochs
 (`loss_curves`, redrawn live in notebook 03 by `LiveCurves`), the learning-rate finder's curve,
-and several runs side by side (notebook 06). Figures are drawn one at a time (`plots`' lock),
-since the background saver draws loss_curves.png while a notebook draws its live curves.
+and several runs side by side (notebook 06). Figures are drawn one at a time (the lock of
+`cifarlib.core.figures`), since the background saver draws loss_curves.png while a notebook
+draws its live curves.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .plots import ShownFigure, _one_at_a_time, png_bytes
+from ..core.figures import ShownFigure, _one_at_a_time, png_bytes
 
 
 @_one_at_a_time
@@ -83,7 +84,7 @@ def _rates(panel, frame: pd.DataFrame, x: str) -> None:
 
 @_one_at_a_time
 def lr_finder(curve):
-    """The learning-rate range test (`cifarlib.trial.find_lr`): the smoothed loss against the rate
+    """The learning-rate range test (`cifarlib.training.trial.find_lr`): the smoothed loss against the rate
     of the stage's last group (the others move in proportion), on a log axis, with the suggestion
     (steepest descent) and the minimum / 10 marked."""
     fig = ShownFigure(figsize=(6, 3.6))
@@ -111,11 +112,11 @@ class LiveCurves:
         self.handle = display(None, display_id=True)
 
     def __call__(self, run) -> None:
-        """Draw `run`'s curves (a `cifarlib.run.Run`: its history, its trace and whether its
+        """Draw `run`'s curves (a `cifarlib.training.run.Run`: its history, its trace and whether its
         augmentation mixes images)."""
         from IPython.display import Image
 
-        from .augment import mixes
+        from ..data.augment import mixes
         # rendered by png_bytes, one figure at a time; IPython's own printer for figures would not wait
         fig = loss_curves(run.history, run.trace.points, mixes(run.aug.policy))
         self.handle.update(Image(png_bytes(fig)))

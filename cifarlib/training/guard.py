@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runtime
-from .errors import UserError
+from ..core import runtime
+from ..core.errors import UserError
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report
 

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import progress, runtime
+from ..core import progress, runtime
+from ..data.datasets import Batches
+from ..model.backbones import GROUPS
+from ..model.inference import logits
 from .config import Config, Stage, stage_steps
-from .data import Batches
-from .evaluate import logits
-from .model import GROUPS
 from .run import Position, Run, StageRun
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
 
 def train_epoch(run: Run, st: StageRun, epoch: int) -> float:
     """One whole epoch over this rank's shard; returns the mean training loss (soft targets).
-    (What the benchmarks time; `cifarlib.train` runs `train_steps` with its checks.)"""
+    (What the benchmarks time; `cifarlib.training.train` runs `train_steps` with its checks.)"""
     loader = train_loader(run)
     pos = Position(epoch, loader.order(epoch), len(loader))
     train_steps(run, st, pos)

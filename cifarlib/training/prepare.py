@@ -1,6 +1,6 @@
 """A run ready to train: `prepare(cfg)` resolves the device plan, loads data and model, makes or
 reopens the run folder, restores what a resumed run saved, and plans a budgeted run's stages
-(with `replan` at each stage boundary). `cifarlib.train` trains it.
+(with `replan` at each stage boundary). `cifarlib.training.train` trains it.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 
-from . import budget, checkpoints, runstate, runtime, trial
-from .augment import BatchAugment, make_policy
+from ..core import runtime
+from ..core.errors import UserError
+from ..data.augment import BatchAugment, make_policy
+from ..data.datasets import Split, load_cifar
+from ..data.preprocess import normalization
+from ..model import checkpoints
+from ..model.backbones import build_model, layer_groups
+from . import budget, runstate, trial
 from .config import Config, resumed, stage_rows, to_dict
-from .data import Split, load_cifar
-from .errors import UserError
 from .loop import epoch_end, steps_per_epoch
-from .model import build_model, layer_groups
-from .preprocess import normalization
 from .run import Position, Progress, Run, Trace
 
 
@@ -85,7 +87,7 @@ def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> R
 
 
 def _plan_budget(run: Run):
-    """A budgeted run's stages, planned from its measured speed (`cifarlib.trial.probe`) to end
+    """A budgeted run's stages, planned from its measured speed (`cifarlib.training.trial.probe`) to end
     near its budget, counted from `run.started`; printed, with the stages JSON that reproduces
     it. Rank 0 plans, and every rank takes its plan."""
     cfg, spe = run.cfg, steps_per_epoch(run)

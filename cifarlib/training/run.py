@@ -3,7 +3,7 @@ epoch under way (`Position`).
 
 A module of its own so that `loop` (the steps), `runstate` (what is saved) and `train` (the
 stages and epochs) all read the same state without importing one another. Each field changes in
-one place in `cifarlib.train`, which its comment names.
+one place in `cifarlib.training.train`, which its comment names.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .augment import BatchAugment
+from ..core.runtime import DevicePlan
+from ..data.augment import BatchAugment
+from ..data.datasets import CifarData, Split
 from .config import Config, Stage
-from .data import CifarData, Split
-from .runtime import DevicePlan
 from .stopping import Patience
 
 

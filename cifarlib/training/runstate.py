@@ -5,7 +5,7 @@ history, weights), the position to resume from (`resume_state`: optimizer, sched
 stage, epoch, the step within it, the epoch's batch order and running sums, every random state),
 and `submit`, which copies them to CPU memory and hands the writing of `best.pt`, `last.pt`,
 `history.csv` and `loss_curves.png` to the background saver (`checkpoints.SAVER`). Used by
-`cifarlib.train`, which decides when.
+`cifarlib.training.train`, which decides when.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from . import checkpoints, runtime
-from .augment import mixes
+from ..core import runtime
+from ..data.augment import mixes
+from ..model import checkpoints
 from .config import to_dict
 from .run import Position, Run, StageRun
 
@@ -66,7 +67,7 @@ def submit(run: Run, last: dict[str, Any], best: dict[str, Any] | None, rows: bo
     """Copy what is to be saved to CPU memory now; the background saver writes best.pt (when
     validation improved), last.pt and, after an epoch, history.csv and loss_curves.png."""
     from .curves import loss_curves  # matplotlib only where curves are drawn
-    from .plots import save_png
+    from ..core.figures import save_png
 
     t0 = time.perf_counter()
     state = run.model.state_dict()

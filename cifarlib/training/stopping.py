@@ -1,5 +1,5 @@
-"""Early stopping: the one rule, used by training (`cifarlib.train`) and by the runs table
-(`cifarlib.runs`, which replays it over a history and must run without torch).
+"""Early stopping: the one rule, used by training (`cifarlib.training.train`) and by the runs table
+(`cifarlib.evaluation.runs`, which replays it over a history and must run without torch).
 
 In each stage, count the validation rows since the stage's best (lowest) validation loss; when
 the count reaches `patience`, the stage ends, and with `stop_ends_run` the whole run.

@@ -13,17 +13,17 @@ keep the pretrained statistics, with "train" they go on updating them, as a plai
 each stage.
 
 What runs how on the device (precision, fused optimizers, memory layout, how often the loop
-checks) is the run's device plan (`cifarlib.runtime.resolve_plan`), resolved once in `prepare`
+checks) is the run's device plan (`cifarlib.core.runtime.resolve_plan`), resolved once in `prepare`
 from the settings of the same names, printed, and recorded in config.json and every checkpoint.
 Under torchrun: DistributedDataParallel, each rank training on its own shard of the
 device-resident data; only rank 0 writes files. The steps themselves, and their scheduled
-checks, are in `cifarlib.loop`; the state they change, in `cifarlib.run`.
+checks, are in `cifarlib.training.loop`; the state they change, in `cifarlib.training.run`.
 
 The loop reads from the top down, one level per function: `epochs` runs the stages, `_stage`
 one stage's epochs, `_epoch` one epoch's steps (with a save or a stop wherever a check asks),
 and `_end_epoch` the epoch's end (validation, early stopping, the history row, the save).
 
-Nothing is lost when a run stops (see `cifarlib.guard`): on SIGINT, SIGTERM or a notebook's
+Nothing is lost when a run stops (see `cifarlib.training.guard`): on SIGINT, SIGTERM or a notebook's
 interrupt, the step in progress finishes, `last.pt` gets the exact position (model, optimizer,
 schedule, scaler, stage, epoch, step, the epoch's batch order and running sums, every random
 state), and `Interrupted` says how to continue: `resume=True` in a new process, or running
@@ -53,12 +53,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import checkpoints, guard, runstate, runtime
+from ..core import runtime
+from ..core.errors import UserError, cli_errors
+from ..model import checkpoints
+from ..model.backbones import GROUPS
+from . import guard, runstate
 from .config import PRESETS, Config, make_config, parse_value, stage_image_size, stage_rows, stage_steps
-from .errors import UserError, cli_errors
 from .loop import (apply_stage, epoch_end, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
                    make_schedule, steps_per_epoch, train_epoch, train_loader, train_mode, train_steps, validate)
-from .model import GROUPS
 from .prepare import prepare, record_actual_time, replan
 from .run import Position, Progress, Run, StageRun
 from .stopping import Patience
@@ -265,7 +267,7 @@ def _find_lr_command(cfg: Config) -> None:
     resume=True, the stage it is at), its suggestion printed and its plot written to runs/; no
     run folder is made, so the same command without find_lr=True then trains as usual."""
     from .curves import lr_finder
-    from .plots import save_png
+    from ..core.figures import save_png
 
     run = prepare(cfg, folder=False)
     if runtime.is_main_process():

@@ -8,7 +8,7 @@ function of the seed and the epoch.
 
 - `probe(run)`: the seconds of an optimizer step of each stage (its image size, its trainable
   layers, with augmentation, through the training loop's own steps) and of a validation pass at
-  its size, for `cifarlib.budget`.
+  its size, for `cifarlib.training.budget`.
 - `find_lr(run, stage)`: the learning-rate range test that fastai's `lr_find` made popular
   (Smith, "Cyclical Learning Rates", 2017): the stage's rates, kept in proportion, rise
   exponentially from 1e-7 to 10 times its peaks over about 100 steps, or until the smoothed loss
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import runtime
+from ..core import runtime
+from ..model.inference import logits
 from .budget import StageCost
 from .config import stage_image_size
-from .evaluate import logits
 from .loop import apply_stage, make_optimizer, make_schedule, train_loader, train_mode, train_steps
 from .run import Position, Run, StageRun, Trace
 
@@ -200,12 +200,14 @@ def save_seconds(run: Run) -> float:
     and the curves drawn once."""
     import io
 
-    from . import checkpoints, curves, plots
+    from ..core import figures
+    from ..model import checkpoints
+    from . import curves
     t0 = time.perf_counter()
     torch.save(checkpoints.snapshot(run.model.state_dict()), io.BytesIO())
     weights = time.perf_counter() - t0
     rows = [{"epoch": 1, "stage": "a", "train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5, "lr_head": 1e-3}]
     t0 = time.perf_counter()
-    plots.png_bytes(curves.loss_curves(rows))
+    figures.png_bytes(curves.loss_curves(rows))
     curves = time.perf_counter() - t0
     return weights * (3 + (run.cfg.optimizer == "adamw")) + curves
