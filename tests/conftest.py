@@ -101,7 +101,12 @@ class SharedKernel:
 
     def reset(self) -> None:
         """An empty namespace (the modules stay imported)."""
-        assert self.kc.execute_interactive("%reset -f", timeout=60)["content"]["status"] == "ok"
+        self.execute("%reset -f")
+
+    def execute(self, code: str) -> None:
+        """Run `code` in the kernel; it must succeed."""
+        reply = self.kc.execute_interactive(code, timeout=60)["content"]
+        assert reply["status"] == "ok", reply
 
     @contextmanager
     def one_thread(self):

@@ -8,6 +8,10 @@ torch.set_num_threads(1) in this process, `SharedKernel.one_thread` in the suite
 so that their arithmetic is the same. Each kind of process is started where it is the subject (the
 command's exit status and message, torchrun's two ranks, a papermill command's kernel); the runs
 that only continue or compare run in this process or in the shared kernel.
+
+Where a test acts on a run at a point of its progress (kills it after a save inside epoch 2,
+signals it once epoch 1 is saved), the run stops itself there (tests/hooks/pause_hook.py): the
+test never polls a file while the run goes on, which raced the run's pace both ways.
 """
 
 import contextlib
@@ -16,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ TINY = dict(preset="cpu", dataset="synthetic", weights="none", backbone="test_re
             max_train_samples=192, max_eval_samples=50, device="cpu", epochs=3)  # 6 steps an epoch: 1 head, 2 all
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMED = ("seconds", "images_per_s")
+HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
 def comparable(rows):
@@ -45,10 +49,37 @@ def final_val_loss(folder: Path) -> float:
     return checkpoints.load(folder / "last.pt")["metrics"]["val_loss"]
 
 
-def cli(root: Path, *args: str, **popen) -> subprocess.Popen:
+def cli(root: Path, *args: str, pause_at: Path | None = None, when: str = "written") -> subprocess.Popen:
     kv = {**TINY, "data_dir": root / "data", "checkpoint_dir": root / "ckpt"}
     return subprocess.Popen([sys.executable, "-m", "cifarlib.train", *[f"{k}={v}" for k, v in kv.items()], *args],
-                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            env=pausing(pause_at, when), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def pausing(pause_at: Path | None, when: str = "written") -> dict:
+    """The environment of a command that stops itself (SIGSTOP) once `pause_at` is written, or
+    with when="mid-epoch" once it holds a save from inside an epoch (tests/hooks)."""
+    if pause_at is None:
+        return ENV
+    return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOKS), ENV.get("PYTHONPATH")])),
+            "CIFARLIB_TEST_PAUSE_AT": str(pause_at), "CIFARLIB_TEST_PAUSE_WHEN": when}
+
+
+def stopped(pid: int, timeout: float = 240) -> None:
+    """Wait until process `pid` has stopped itself (a stopped process stays so: no race); fail if
+    it ends first."""
+    import psutil
+    process, deadline = psutil.Process(pid), time.monotonic() + timeout
+    while process.status() != psutil.STATUS_STOPPED:
+        assert process.is_running() and process.status() != psutil.STATUS_ZOMBIE, f"process {pid} ended before it paused"
+        assert time.monotonic() < deadline, f"process {pid} did not pause within {timeout} s"
+        time.sleep(0.02)
+
+
+def pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to process `pid` (Linux: /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:"))]
+    return any(mask >> (signum - 1) & 1 for mask in masks)
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +178,12 @@ def test_the_cli_saves_then_exits_130_on_sigint_and_143_on_sigterm(root, referen
     """Two commands at once (one thread each): SIGINT to one, SIGTERM to the other, each in epoch 2
     or while epoch 1 is saved."""
     statuses = {signal.SIGINT: 130, signal.SIGTERM: 143}
-    runs = {signum: cli(root, f"run_name=cli-{status}") for signum, status in statuses.items()}
-    deadline = time.time() + 240
-    for signum, p in runs.items():
-        history = root / "ckpt" / f"cli-{statuses[signum]}" / "history.csv"
-        while p.poll() is None and time.time() < deadline and not history.is_file():
-            time.sleep(0.02)
+    runs = {signum: cli(root, f"run_name=cli-{status}", pause_at=root / "ckpt" / f"cli-{status}" / "history.csv")
+            for signum, status in statuses.items()}
+    for signum, p in runs.items():  # each paused itself once epoch 1's row was written
+        stopped(p.pid)
         p.send_signal(signum)
+        os.kill(p.pid, signal.SIGCONT)
     for signum, p in runs.items():
         name = f"cli-{statuses[signum]}"
         out, err = p.communicate(timeout=120)
@@ -168,20 +198,17 @@ def test_the_cli_saves_then_exits_130_on_sigint_and_143_on_sigterm(root, referen
 
 
 def test_after_sigkill_a_periodic_save_loses_only_the_steps_since(root, reference, one_thread):
-    """`save_every_minutes` covers kills that give no warning."""
-    p = cli(root, "run_name=killed", "save_every_minutes=0.001")
+    """`save_every_minutes` covers kills that give no warning. The run saves at almost every step
+    (every 0.6 ms, when the saver is free) and pauses itself after its first save inside an epoch:
+    after epoch 1's first step, where the saver is always free. (Inside epoch 2 it may still be
+    writing epoch 1's files on a loaded machine; the signal tests resume inside epoch 2.)"""
     last = root / "ckpt" / "killed" / "last.pt"
-    deadline, saved = time.time() + 240, None
-    while p.poll() is None and time.time() < deadline:
-        if last.is_file():
-            ckpt = torch.load(last, weights_only=True)  # renamed into place: never half-written
-            if ckpt["resume"].get("step") and ckpt["history"]:  # inside epoch 2 or later
-                saved = ckpt["resume"]
-                break
-        time.sleep(0.05)
+    p = cli(root, "run_name=killed", "save_every_minutes=0.00001", pause_at=last, when="mid-epoch")
+    stopped(p.pid)
+    saved = checkpoints.load(last)["resume"]
     p.kill()
     p.communicate()
-    assert saved is not None, "no mid-epoch save was seen"
+    assert saved["step"] > 0  # inside an epoch
     finish(root, "killed")
     assert comparable(checkpoints.read_history(last.parent / "history.csv")) == comparable(reference[0])
     assert abs(final_val_loss(last.parent) - final_val_loss(reference[1])) <= 1e-6
@@ -192,12 +219,18 @@ def test_two_ranks_agree_on_the_step_to_stop_at_and_only_rank_zero_writes(root):
     kv = {**TINY, "data_dir": root / "data", "checkpoint_dir": root / "ckpt", "run_name": "ddp", "max_train_samples": 384}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cifarlib.train",
            *[f"{k}={v}" for k, v in kv.items()]]
-    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = root / "ckpt" / "ddp" / "history.csv"
-    deadline = time.time() + 240
-    while p.poll() is None and time.time() < deadline and not history.is_file():
+    p = subprocess.Popen(cmd, env=pausing(history), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import psutil
+    deadline = time.monotonic() + 240
+    while not (rank0 := [c for c in psutil.Process(p.pid).children(recursive=True) if c.status() == psutil.STATUS_STOPPED]):
+        assert p.poll() is None and time.monotonic() < deadline, "rank 0 did not pause once epoch 1's row was written"
         time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)  # as soon as epoch 1's row is written: a timed wait here reached epoch 3 on a quick day
+    p.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both ranks
+    while not pending(rank0[0].pid, signal.SIGTERM):  # rank 0, paused, holds it until it goes on
+        assert p.poll() is None and time.monotonic() < deadline, "torchrun did not forward SIGTERM to rank 0"
+        time.sleep(0.01)
+    rank0[0].resume()
     out, err = p.communicate(timeout=120)
     assert err.count("interrupted at epoch 2 step ") == 1, err[-3000:]  # said once, by rank 0
     saved = checkpoints.load(history.parent / "last.pt")["resume"]
@@ -263,32 +296,22 @@ def notebook_parameters(root: Path, name: str, **extra) -> dict:
     return {**TINY, "data_dir": str(root / "data"), "checkpoint_dir": str(root / "ckpt"), "run_name": name, **extra}
 
 
-def wait_for_a_mid_epoch_save(last: Path, alive, timeout: float = 240) -> dict | None:
-    """The first save seen inside epoch 2 or later. The runs watched save every 0.06 s
-    (save_every_minutes=0.001), so that even a quick machine, whose epochs of 6 steps may take
-    less than a second, saves inside them."""
-    deadline = time.time() + timeout
-    while alive() and time.time() < deadline:
-        if last.is_file():
-            ckpt = torch.load(last, weights_only=True)
-            if ckpt["resume"].get("step") and ckpt["history"]:  # inside epoch 2 or later
-                return ckpt["resume"]
-        time.sleep(0.05)
-    return None
-
-
 def test_a_killed_kernel_leaves_a_run_that_papermill_finishes_with_resume(root, reference, tmp_path, notebook_kernel):
     """The papermill command's kernel is killed mid-run; the same notebook with the same parameters
     and resume=True, through papermill again (in the suite's shared kernel), finishes the run."""
     psutil = pytest.importorskip("psutil", reason="needs psutil to find the kernel process")
-    parameters = notebook_parameters(root, "pm-killed", save_every_minutes=0.001)
+    parameters = notebook_parameters(root, "pm-killed", save_every_minutes=0.00001)
     params = [a for k, v in parameters.items() for a in ("-p", k, str(v))]
     cmd = [sys.executable, "-m", "papermill", "--no-progress-bar", "-k", "python3", str(NOTEBOOK), str(tmp_path / "out.ipynb")]
-    p = subprocess.Popen(cmd + params, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = root / "ckpt" / "pm-killed" / "last.pt"
-    assert wait_for_a_mid_epoch_save(last, lambda: p.poll() is None), p.communicate()[1][-3000:]
-    kernels = [c for c in psutil.Process(p.pid).children(recursive=True) if "ipykernel" in " ".join(c.cmdline())]
+    p = subprocess.Popen(cmd + params, env=pausing(last, "mid-epoch"), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (kernels := [c for c in psutil.Process(p.pid).children(recursive=True) if "ipykernel" in " ".join(c.cmdline())]):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.05)
     assert len(kernels) == 1
+    stopped(kernels[0].pid)  # the kernel paused itself after a save inside an epoch
     kernels[0].kill()  # the kernel dies: no warning, no handler
     p.communicate(timeout=120)
     assert p.returncode != 0 and checkpoints.load(last)["resume"]["step"] > 0  # the folder is intact
@@ -302,24 +325,23 @@ def test_interrupting_notebook_03_then_running_its_cell_again_continues(root, re
     import papermill as pm
     from nbclient import NotebookClient
     nb = pm.parameterize.parameterize_notebook(pm.iorw.load_notebook_node(str(NOTEBOOK)),  # as papermill reads it
-                                               notebook_parameters(root, "nb-interrupted", save_every_minutes=0.001))
+                                               notebook_parameters(root, "nb-interrupted", save_every_minutes=0.00001))
     client = NotebookClient(nb, km=notebook_kernel.km, timeout=300, allow_errors=True,
                             resources={"metadata": {"path": str(ROOT)}})
     training = next(i for i, c in enumerate(nb.cells) if "train.epochs(run)" in c.source)
     last = root / "ckpt" / "nb-interrupted" / "last.pt"
     notebook_kernel.reset()
+    # what JupyterLab's interrupt button does, SIGINT to the kernel process, sent by the kernel
+    # itself after its first save inside an epoch
+    notebook_kernel.execute(f"import signal, sys; sys.path.insert(0, {str(HOOKS)!r}); import pause_hook; "
+                            f"pause_hook.install({str(last)!r}, 'mid-epoch', signal.SIGINT)")
     with notebook_kernel.one_thread(), client.setup_kernel():  # one thread: as the reference ran
-        pid = client.km.provisioner.process.pid
-
-        def interrupt():  # what JupyterLab's interrupt button does: SIGINT to the kernel process
-            if wait_for_a_mid_epoch_save(last, lambda: True):
-                os.kill(pid, signal.SIGINT)
         for i, cell in enumerate(nb.cells[:training]):
             client.execute_cell(cell, i)
-        watcher = threading.Thread(target=interrupt)
-        watcher.start()
-        client.execute_cell(nb.cells[training], training)
-        watcher.join()
+        try:
+            client.execute_cell(nb.cells[training], training)
+        finally:
+            notebook_kernel.execute("import pause_hook; pause_hook.uninstall()")
         errors = [o for o in nb.cells[training].outputs if o.output_type == "error"]
         assert len(errors) == 1 and errors[0].ename == "Interrupted", nb.cells[training].outputs
         assert "interrupted at epoch " in errors[0].evalue and "running the training cell again continues" in errors[0].evalue
