@@ -1,7 +1,7 @@
 """The ground every part stands on: where things are and what runs them (`runtime`, `ranks`), the
 user's errors (`errors`), progress bars (`progress`), files written atomically (`files`), figures
-(`figures`), the notebook runner (`notebook`) and the folders' lazy names (`lazy`). It imports no
-other folder of cifarlib."""
+(`figures`), when the command began (`clock`), the notebook runner (`notebook`) and the folders'
+lazy names (`lazy`). It imports no other folder of cifarlib."""
 
 from . import lazy
 

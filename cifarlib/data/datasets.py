@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core import runtime
-from ..core.errors import UserError
+from ..core.errors import UserError, notice
 from . import folders, sources, synthetic
 from .splits import SPLITS, CifarData, Split, pick_splits, split_train_val, stratified_pick  # noqa: F401
 
@@ -84,11 +84,20 @@ def _check_args(dataset: str, val_fraction: float, caps: dict[str, int | None]) 
 
 
 def resolve_dataset(dataset: str, data_dir: str | Path = "data") -> str:
-    """`"auto"`: real CIFAR-100 when its folder or tarball is in `data_dir`, else `"synthetic"`."""
+    """`"auto"`: real CIFAR-100 when its folder or tarball is in `data_dir`, else `"synthetic"`,
+    with a banner on stderr that says so and how to get the real data: notebooks 01 and 02 would
+    otherwise show made-up pictures under CIFAR-100's class names, quietly."""
     if dataset != "auto":
         return dataset
     src, root = sources.SOURCES["cifar100"], runtime.resolve_path(data_dir)
-    return "cifar100" if (root / src.folder).is_dir() or (root / src.tarball).is_file() else "synthetic"
+    if (root / src.folder).is_dir() or (root / src.tarball).is_file():
+        return "cifar100"
+    where = "" if root == runtime.resolve_path("data") else f" --data-dir {root}"
+    rule = "=" * 88
+    notice(f"{rule}\nNOT REAL PHOTOS. CIFAR-100 is not in {root},\nso what follows is the synthetic dataset: "
+           "made-up shapes and stripes under CIFAR-100's\nclass names. Get CIFAR-100 (about 160 MB), then run this "
+           f"again:\n    .venv/bin/python -m cifarlib.data --dataset cifar100{where}\n{rule}")
+    return "synthetic"
 
 
 def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,

@@ -5,6 +5,12 @@ each, its share of the epochs, and the shape of its one-cycle schedule. A preset
 stages plus the rest of the recipe. `make_config(preset, **overrides)` checks every override
 (unknown keys, wrong types) and scales the stages to `epochs`.
 
+`preset="auto"` (the default of notebook 03, `make train` and the command line) picks the recipe
+that fits the device the run gets (`cifarlib.core.runtime.preset_for`): `original` on a CUDA GPU,
+`cpu` elsewhere. Elsewhere it also sets `budget_minutes=AUTO_BUDGET_MINUTES` unless `epochs` or
+`budget_minutes` is given, so that a first run on a laptop ends in a time it states at its start
+instead of running for an unknown number of hours. It says what it chose, on stderr.
+
 Presets:
 
 - `original` reproduces the original project exactly, oddities included:
@@ -62,8 +68,14 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
-from ..core.errors import UserError
+from ..core import runtime
+from ..core.errors import UserError, notice
 from ..model.backbones import GROUPS
+
+# preset="auto" without a GPU: 15 minutes is what the `cpu` preset's 2 epochs of EfficientNet-Lite0
+# on 45,000 real photos took on a 2-core machine (about 7 minutes) with room for a slower laptop
+# or a larger backbone; on those photos a 15-minute budget reached 87.3% (benchmarks/README.md).
+AUTO_BUDGET_MINUTES = 15.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class Stage:
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs. The names match the notebook's parameters and the CLI's keys."""
-    preset: str = "original"      # the recipe: "original", "fast" or "cpu"
+    preset: str = "original"      # the recipe: "original", "fast" or "cpu" ("auto" is resolved to one of them)
     epochs: int = 100             # total epochs; the stages share them in proportion
     dataset: str = "cifar100"     # "cifar100", "cifar10", "synthetic" or "folder" (your pictures)
     data_dir: str = "data"        # relative paths are from the project root; for "folder", your pictures
@@ -200,14 +212,16 @@ def _check_stages(stages: tuple[Stage, ...]) -> None:
 
 def make_config(preset: str = "original", **overrides) -> Config:
     """The preset's recipe with `overrides` applied (None means "the preset's value"), checked,
-    and its stages scaled to `epochs`."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    and its stages scaled to `epochs`. `preset="auto"`: see the module's docstring."""
+    if preset not in (*PRESETS, "auto"):
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}, or auto.")
     hints = {k: v for k, v in get_type_hints(Config).items() if k not in NOT_SETTINGS}
     unknown = sorted(set(overrides) - set(hints))
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}.")
     given = tuple(k for k, v in overrides.items() if v is not None)
+    if preset == "auto":
+        preset, overrides = _auto(overrides)
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None or k.startswith("max_")}}
     for key, value in values.items():
         if key != "stages":
@@ -255,6 +269,21 @@ def make_config(preset: str = "original", **overrides) -> Config:
     return dataclasses.replace(cfg, stages=tuple(dataclasses.replace(s, epochs=e) for s, e in zip(stages, epochs)))
 
 
+def _auto(overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`preset="auto"`: the device's preset, and a budget where that is `cpu` and no length is
+    given; said on stderr. A budget set here is the preset's, not a given setting."""
+    preset, why = runtime.preset_for(overrides.get("device") or "auto")
+    length = overrides.get("epochs") is not None or overrides.get("budget_minutes") is not None
+    if preset != "original" and not length:  # the laptop's recipe: a first run ends in a time it states
+        overrides = {**overrides, "budget_minutes": AUTO_BUDGET_MINUTES}
+        notice(f"preset=auto: {why}, so the cpu preset, with a {AUTO_BUDGET_MINUTES:g}-minute budget (the original "
+               "preset's 100 epochs at 224 px would take days here). Give epochs=N or budget_minutes=M for another "
+               "length, preset=original, fast or cpu for another recipe.")
+    else:
+        notice(f"preset=auto: {why}, so the {preset} preset.")
+    return preset, overrides
+
+
 def _check_plan_settings(values: dict[str, Any]) -> None:
     """The device plan's settings, checked for their form; whether the device can run them is
     checked when the plan is resolved (`cifarlib.core.runtime.resolve_plan`)."""
@@ -283,6 +312,15 @@ def resumed(saved: dict[str, Any], cfg: Config) -> Config:
                         "(another run_name, or overwrite=True) to train with them.")
     keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in cfg.given}
     return dataclasses.replace(run, run_name=cfg.run_name, resume=True, given=cfg.given, **keep)  # the folder may be renamed
+
+
+def stages_table(cfg: Config) -> list[dict[str, Any]]:
+    """The stages as notebook 03 shows them before training: each one's epochs, or, in a budgeted
+    run, that the budget plans them (its plan, printed once the stages are timed, replaces the
+    preset's epochs)."""
+    planned = f"planned by the {cfg.budget_minutes:g}-minute budget" if cfg.budget_minutes else None
+    return [{"stage": s.name, "epochs": planned or s.epochs, "groups": ", ".join(s.groups), "peak learning rates": s.lr}
+            for s in cfg.stages]
 
 
 def stage_steps(stage: Stage, steps_per_epoch: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..core import runtime
+from ..core import clock, runtime
 from ..core.errors import UserError
 from ..data.augment import BatchAugment, make_policy
 from ..data.datasets import Split, load_cifar
@@ -42,10 +42,11 @@ def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) 
 def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> Run:
     """Resolve the device plan, load data and model, make or reopen the run folder, restore the
     state to resume, and plan a budgeted run. Every setting is checked, and the device plan
-    resolved, before any data loads. `started`: when the run's clock started (`time.monotonic()`;
-    default now), which a budget counts from. `folder=False` makes no run folder and writes
-    nothing (the learning-rate finder's run)."""
-    started = time.monotonic() if started is None else started
+    resolved, before any data loads. `started`: when the run's clock started (`time.monotonic()`),
+    which a budget counts from; by default the start of the command running this notebook
+    (`cifarlib.core.clock`), else now. `folder=False` makes no run folder and writes nothing (the
+    learning-rate finder's run)."""
+    started = clock.command_started() if started is None else started
     rank, world = runtime.setup_distributed(cfg.device)
     checkpoints.SAVER.wait()  # a save of this process still being written (a notebook's last run)
     cfg, saved = _config(cfg)
@@ -108,7 +109,10 @@ def _plan_budget(run: Run):
     if isinstance(outcome, str):
         raise UserError(outcome)
     if runtime.is_main_process():
-        print(budget.describe(outcome), flush=True)
+        began = time.time() - (time.monotonic() - run.started)  # the budget's start, on the wall clock
+        end = time.strftime("%H:%M", time.localtime(began + cfg.budget_minutes * 60))
+        print(f"{budget.describe(outcome)}; the run ends by {end} ({cfg.budget_minutes:g} min after "
+              f"{time.strftime('%H:%M:%S', time.localtime(began))})", flush=True)
         print(f"the same stages without a budget: budget_minutes=0 stages='{budget.reproduce(cfg.stages, outcome)}'"
               + (f" (their rates include lr_scale={cfg.lr_scale:g}: leave it out)" if cfg.lr_scale != 1 else ""), flush=True)
     return _with_budget(cfg, outcome)

@@ -53,12 +53,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..core import runtime
+from ..core import clock, runtime
 from ..core.errors import UserError, cli_errors
 from ..model import checkpoints
 from ..model.backbones import GROUPS
 from . import guard, runstate
-from .config import PRESETS, Config, make_config, parse_value, stage_image_size, stage_rows, stage_steps
+from .config import (AUTO_BUDGET_MINUTES, PRESETS, Config, make_config, parse_value, stage_image_size, stage_rows,
+                     stage_steps)
 from .loop import (apply_stage, epoch_end, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
                    make_schedule, steps_per_epoch, train_epoch, train_loader, train_mode, train_steps, validate)
 from .prepare import prepare, record_actual_time, replan
@@ -252,16 +253,6 @@ def _rates(opt) -> dict[str, float]:
 
 # --- the command line ----------------------------------------------------------------------------
 
-def _process_started() -> float:
-    """When this process began, on the monotonic clock: on the command line a budget counts the
-    whole command, Python's start and the imports included, as a user's stopwatch would."""
-    try:
-        import psutil
-        return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
-    except (ImportError, OSError):
-        return time.monotonic()
-
-
 def _find_lr_command(cfg: Config) -> None:
     """`find_lr=True` on the command line: the range test on the run's first stage (or, with
     resume=True, the stage it is at), its suggestion printed and its plot written to runs/; no
@@ -289,7 +280,8 @@ def _usage() -> str:
         if f.name not in ("stages", "plan", "given"):
             lines.append(f"  {f.name}={getattr(base, f.name)!r}")
     lines += ["  find_lr=False (the command line's own: run the learning-rate finder, print its suggestion, train nothing)",
-              "", f"presets: {', '.join(PRESETS)}"]
+              "", f"presets: {', '.join(PRESETS)}, and auto (the default): original on a CUDA GPU; elsewhere cpu, with",
+              f"budget_minutes={AUTO_BUDGET_MINUTES:g} unless epochs or budget_minutes is given"]
     return "\n".join(lines)
 
 
@@ -305,10 +297,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"expected key=value, got {' '.join(bad)} (see --help).")
             kv = {k: parse_value(v) for k, v in (a.split("=", 1) for a in argv)}
             find = kv.pop("find_lr", False)  # a key of the command line only: it trains nothing
-            cfg = make_config(kv.pop("preset", "original"), **kv)
+            cfg = make_config(kv.pop("preset", "auto"), **kv)
             if find is True:
                 return _find_lr_command(cfg)
-            run = prepare(cfg, started=_process_started())
+            run = prepare(cfg, started=clock.process_started())  # the command's start
             for row in epochs(run):  # one line per epoch on stdout; the progress bar is on stderr
                 if runtime.is_main_process():
                     print(format_row(row, run), flush=True)
