@@ -1,7 +1,7 @@
 # The commands a user types. Each sets up .venv first if it is missing or out of date.
 #   make test    the whole test suite (offline, CPU)
 #   make demo    every notebook, in order, on synthetic data, on CPU -> runs/demo/
-#   make train   notebooks/03_train.ipynb with its defaults (real CIFAR-100, GPU if present)
+#   make train   notebooks/03_train.ipynb: real CIFAR-100, the GPU's recipe or a laptop's (see below)
 # Add TORCH=cpu to any of them (make test TORCH=cpu) on a machine without an NVIDIA GPU: see below.
 
 PYTHON ?= python3
@@ -11,8 +11,11 @@ BIN := $(VENV)/bin
 # instructions give it, before the rest (pip's default torch on Linux is the CUDA build, whose
 # libraries make .venv about 6 GB). Each choice has its own stamp, so that asking for the other
 # one sets .venv up again; a .venv that already holds the CUDA build is refused (make clean first).
+# Where that index cannot be reached, make says so and stops: it never falls back to another
+# build, and after the install it checks that torch is the CPU build. TORCH_CPU_INDEX=URL names a
+# mirror of the index.
 TORCH ?=
-TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ifneq ($(filter-out cpu,$(TORCH)),)
 $(error TORCH=$(TORCH): the one choice is TORCH=cpu; leave TORCH unset for pip's default torch)
 endif
@@ -47,9 +50,16 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 ifeq ($(TORCH),cpu)
 	@$(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit("$(VENV) holds the CUDA build of torch (its nvidia-* libraries); for the CPU-only build, run make clean first, then make again with TORCH=cpu" if any((d.metadata["Name"] or "").lower().startswith("nvidia-") for d in m.distributions()) else 0)'
-	$(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) $(foreach r,$(TORCH_REQUIREMENTS),'$(r)')
+	$(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) $(foreach r,$(TORCH_REQUIREMENTS),'$(r)') || { \
+		echo "make: TORCH=cpu: could not install torch's CPU-only build from $(TORCH_CPU_INDEX) (pip says why above)."; \
+		echo "Nothing else was installed. Where that index cannot be reached (a proxy that lets only PyPI through,"; \
+		echo "say), name a mirror of it: make TORCH=cpu TORCH_CPU_INDEX=https://your-mirror/whl/cpu. Or leave TORCH"; \
+		echo "unset for pip's default torch (on Linux the CUDA build, about 6 GB; it runs on a CPU too)."; exit 1; } >&2
 endif
 	$(BIN)/python -m pip install -r requirements.txt -r requirements-dev.txt
+ifeq ($(TORCH),cpu)
+	@$(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else f"make: TORCH=cpu, but .venv now holds torch {torch.__version__}, a CUDA build: something in requirements.txt asked pip for a torch that the CPU-only index did not give. Run make clean, then make TORCH=cpu again, or leave TORCH unset.")'
+endif
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
@@ -63,16 +73,41 @@ demo: $(STAMP)
 		echo "== $$nb"; \
 		case "$$(basename $$nb)" in 01*) p='$(DEMO_01)';; 02*) p='$(DEMO_02)';; 03*) p='$(DEMO_03)';; \
 			04*) p='$(DEMO_04)';; 05*) p='$(DEMO_05)';; 06*) p='$(DEMO_06)';; *) p='';; esac; \
-		$(BIN)/python -m cifarlib.notebook --no-progress-bar "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $$p; \
+		$(BIN)/python -m cifarlib.notebook --stream --no-progress-bar "$$nb" "$(DEMO_OUT)/$$(basename $$nb)" $$p; \
 		case "$$(basename $$nb)" in 03*) echo "== second run, demo-b (python -m cifarlib.train)"; \
 			$(BIN)/python -m cifarlib.train $(DEMO_B);; esac; \
 	done
 	@echo "executed notebooks are in $(DEMO_OUT)/"
 
+# make train PRESET=cpu EPOCHS=3 BUDGET=10 BACKBONE=tf_efficientnet_lite0 WEIGHTS=path DATASET=folder DATA_DIR=path
+#            ARGS='-p lr_scale 0.5 -p seed 1'   (any other parameter of notebooks/03_train.ipynb)
+# Each one given becomes that notebook parameter (BUDGET: budget_minutes); the rest keep the
+# notebook's defaults. With no PRESET the notebook's preset=auto picks the device's recipe: on a
+# CUDA GPU the original one; elsewhere the cpu preset with a 15-minute budget, unless EPOCHS or
+# BUDGET is given. Why a budget: a first run on a laptop must end in a time it states in its
+# first lines (the original recipe would run for days on a CPU, and the cpu preset's epochs take
+# as long as the laptop needs); the budget counts from the command's start, as the command line's
+# does. The terminal shows what the notebook prints (the choice, the device plan, the budget's
+# plan with its end, a line per epoch, the run's folder, any error); the executed notebook, with
+# its tables and figures, goes to runs/train-DATE.ipynb.
+PRESET ?=
+EPOCHS ?=
+BUDGET ?=
+BACKBONE ?=
+WEIGHTS ?=
+DATASET ?=
+DATA_DIR ?=
+ARGS ?=
+TRAIN_PARAMS = $(if $(PRESET),-r preset '$(PRESET)') $(if $(EPOCHS),-p epochs '$(EPOCHS)') \
+	$(if $(BUDGET),-p budget_minutes '$(BUDGET)') $(if $(BACKBONE),-r backbone '$(BACKBONE)') \
+	$(if $(WEIGHTS),-r weights '$(WEIGHTS)') $(if $(DATASET),-r dataset '$(DATASET)') \
+	$(if $(DATA_DIR),-r data_dir '$(DATA_DIR)') $(ARGS)
+
 train: $(STAMP)
 	@test -f notebooks/03_train.ipynb || { echo "notebooks/03_train.ipynb does not exist yet"; exit 1; }
 	@mkdir -p runs
-	$(BIN)/python -m cifarlib.notebook notebooks/03_train.ipynb runs/train-$$(date +%Y%m%d-%H%M%S).ipynb
+	@$(BIN)/python -m cifarlib.notebook --stream --no-progress-bar notebooks/03_train.ipynb \
+		runs/train-$$(date +%Y%m%d-%H%M%S).ipynb $(TRAIN_PARAMS)
 
 # make app             notebook 05 as a web page (Voila) at http://HOST:PORT/, stopped with Ctrl-C
 # make app CHECKPOINT=checkpoints/RUN/best.pt HOST=0.0.0.0 PORT=8000

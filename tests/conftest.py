@@ -92,11 +92,17 @@ class SharedKernel:
     def __init__(self, km, kc):
         self.km, self.kc = km, kc
 
-    def run(self, notebook, out, **parameters) -> str:
+    def run(self, notebook, out, stream: bool = False, **parameters) -> str:
+        """`stream`: through the project's runner, which prints what the cells print as it comes."""
         import nbformat
         import papermill as pm
+
+        from cifarlib.core import notebook as runner
         self.reset()
-        pm.execute_notebook(str(notebook), str(out), parameters=parameters, km=self.km, progress_bar=False)
+        if stream:
+            runner.run(notebook, out, parameters, km=self.km, progress_bar=False, stream=True)
+        else:
+            pm.execute_notebook(str(notebook), str(out), parameters=parameters, km=self.km, progress_bar=False)
         return "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
 
     def reset(self) -> None:

@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.
 assert len(NOTEBOOKS) == 6, NOTEBOOKS
 TINY = {"01_explore_data": {"per_class": 1, "similar_pairs": 2},
         "02_augmentation_preview": {"image_size": 48, "draws": 3},
-        "03_train": {"preset": "cpu", "backbone": "test_resnet", "weights": "none", "image_size": 32, "epochs": 3,
+        "03_train": {"preset": "auto", "backbone": "test_resnet", "weights": "none", "image_size": 32, "epochs": 3,
                      "max_train_samples": 400, "max_eval_samples": 100, "run_name": "nb", "device": "cpu"}}
 OUTPUT_DIRS = {"03_train": "checkpoint_dir"}  # notebooks that write, and where to
 
@@ -33,11 +33,11 @@ def test_committed_clean_with_a_documented_parameters_cell_first(path):
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in TINY], ids=lambda p: p.stem)
-def test_runs_headless_on_synthetic_data(path, tmp_path, notebook_kernel):
+def test_runs_headless_on_synthetic_data(path, tmp_path, notebook_kernel, capsys):
     out = tmp_path / path.name
     where = {OUTPUT_DIRS[path.stem]: str(tmp_path / "out")} if path.stem in OUTPUT_DIRS else {}
     notebook_kernel.run(path, out, dataset="synthetic", data_dir=str(tmp_path.parent / "data"),  # written once a session
-                        **where, **TINY[path.stem])
+                        stream=path.stem == "03_train", **where, **TINY[path.stem])
     nb = nbformat.read(out, as_version=4)
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images >= (1 if path.stem == "03_train" else 3)
@@ -48,7 +48,15 @@ def test_runs_headless_on_synthetic_data(path, tmp_path, notebook_kernel):
                  for line in o["text"].splitlines() if line.strip()]
         epochs = [line for line in lines if line.startswith("epoch ")]
         assert [line.split(" [")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
-        assert len(lines) - len(epochs) <= 4, lines  # one plain line per epoch, and a few others
+        assert len(lines) - len(epochs) <= 6, lines  # one plain line per epoch, and a few others
+        # what make train shows: what the cells print, as it comes, and none of their tables and figures
+        streamed = capsys.readouterr()
+        assert streamed.err.startswith("preset=auto: no CUDA GPU (training on cpu), so the cpu preset.\n")
+        shown = streamed.out.splitlines()
+        assert shown[0].startswith("device plan: cpu, fp32") and shown[3:6] == epochs and len(shown) == 8, shown
+        assert shown[-1] == f"run files: {tmp_path / 'out' / 'nb'}"
+        tables = ("peak learning rates", "lr_stem")  # words of the stages' table and of the history's
+        assert not [word for word in tables if word in streamed.out + streamed.err]
 
 
 def test_a_user_error_shows_as_one_message_in_the_notebook(tmp_path, notebook_kernel):

@@ -13,6 +13,12 @@ notebook runs through papermill's Python API, and a `UserError` in a cell is pri
 tools do; the executed copy, with its outputs up to the failing cell, is written all the same. Any
 other error in a cell is a bug, and is shown with its traceback (exit status 1). A parameter the
 notebook does not have is refused before anything runs (papermill would only warn and go on).
+
+`--stream` prints what the cells print (their stdout and stderr) as it comes, and nothing else of
+theirs: for notebook 03, the device plan, the budget's plan and one line per epoch, as the command
+line prints them, without papermill's bar over cells or the tables and figures, which the
+executed copy keeps (`make train` and `make demo` use it). The kernel is told when this command
+began (`cifarlib.core.clock`), so that a budget counts the whole command.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import runtime
+from . import clock, runtime
 from .errors import UserError, cli_errors
 
 PROG = "python -m cifarlib.notebook"
@@ -45,9 +51,10 @@ def parse_value(text: str):
 
 
 def run(notebook: str | Path, output: str | Path, parameters: dict | None = None, kernel: str = "python3",
-        progress_bar: bool = True, log_output: bool = False, **papermill_options) -> Path:
+        progress_bar: bool = True, log_output: bool = False, stream: bool = False, **papermill_options) -> Path:
     """Execute `notebook` with `parameters` into `output` (paths by the project's path rule);
-    a `UserError` raised in a cell is raised here as a `UserError` with the same message. Other
+    a `UserError` raised in a cell is raised here as a `UserError` with the same message.
+    `stream`: the cells' printed lines to this process's stdout and stderr as they come. Other
     options go to `papermill.execute_notebook` (`km`, say: a kernel that is already running)."""
     try:
         import papermill as pm
@@ -63,6 +70,8 @@ def run(notebook: str | Path, output: str | Path, parameters: dict | None = None
         raise UserError(f"{src.name} has no parameter {', '.join(unknown)}; its parameters are "
                         f"{', '.join(known) or 'none'} (see papermill --help-notebook {src}).")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if stream:
+        papermill_options.update(stdout_file=sys.stdout, stderr_file=sys.stderr)
     try:
         pm.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=kernel,
                             progress_bar=progress_bar, log_output=log_output, **papermill_options)
@@ -85,13 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-k", "--kernel", default="python3", help="the Jupyter kernel (default: python3)")
     ap.add_argument("--no-progress-bar", action="store_true", help="no progress bar over the cells")
     ap.add_argument("--log-output", action="store_true", help="also print the cells' outputs as they come")
+    ap.add_argument("--stream", action="store_true", help="print what the cells print (stdout, stderr) as it comes, "
+                    "not their tables and figures: notebook 03's training lines")
     args = ap.parse_args(argv)
+    clock.mark_command_start()
     parameters = {name: parse_value(value) for name, value in args.parameter}
     parameters.update(dict(args.raw_parameter))
     if args.log_output:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     with cli_errors(PROG):
-        out = run(args.notebook, args.output, parameters, args.kernel, not args.no_progress_bar, args.log_output)
+        if args.stream:
+            print(f"{PROG}: {args.notebook} -> {args.output}; what its cells print follows", file=sys.stderr, flush=True)
+        out = run(args.notebook, args.output, parameters, args.kernel, not args.no_progress_bar, args.log_output,
+                  args.stream)
         print(f"executed notebook: {out}", file=sys.stderr)
 
 
