@@ -81,6 +81,19 @@ def test_the_predicted_time_never_exceeds_the_budget_by_rounding():
     assert not over, over[:5]
 
 
+def test_a_plan_leaves_the_commands_end_its_seconds():
+    """The run's last file is not the command's end (a notebook's kernel shuts down, its copy is
+    written): a budget leaves EXIT_S for it, in the first plan and in every re-plan."""
+    plain = budget.make_plan(COSTS, 100, budget_s=600, spent_s=30, save_s=1)
+    plan = budget.make_plan(COSTS, 100, budget_s=600, spent_s=30, save_s=1, exit_s=budget.EXIT_S)
+    assert plan.predicted_minutes * 60 <= 600 - budget.EXIT_S < plain.predicted_minutes * 60
+    again = budget.replan(plan, 1, COSTS[1:], spent_s=30 + plan.stages[0]["predicted_s"])
+    assert again.predicted_minutes * 60 <= 600 - budget.EXIT_S and again.exit_s == budget.EXIT_S
+    with pytest.raises(budget.TooSmall) as e:
+        budget.make_plan(COSTS, 100, budget_s=60, spent_s=55, save_s=1, exit_s=5)
+    assert e.value.minimum_s == pytest.approx(55 + 1 + 5 + (0.1 + 2 + 1) + (0.5 + 3 + 1))
+
+
 def test_a_replan_uses_the_time_left_and_the_speed_measured():
     plan = budget.make_plan(COSTS, 100, budget_s=600, spent_s=30, save_s=1)
     slower = [StageCost("all", 2, 88, step_s=0.5 * 1.5, val_s=3.0 * 1.5)]  # probed again: the machine is 1.5x slower now

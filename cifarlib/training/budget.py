@@ -22,6 +22,13 @@ import math
 from dataclasses import asdict, dataclass
 
 
+# What a command takes after its run's last file, which its budget must leave room for: a
+# notebook's last cells, its kernel's shutdown and the executed copy's write under `make train`
+# (3.5 s on the 2-core VM, 2026-12-07: the run's own clock said 15.0 min, the command 15.05), a
+# process's exit on the command line.
+EXIT_S = 5.0
+
+
 class TooSmall(Exception):
     """The budget does not cover the fixed costs and the shortest run; `minimum_s` would."""
 
@@ -87,6 +94,7 @@ class BudgetPlan:
     predicted_minutes: float       # the whole run, as planned
     actual_minutes: float | None = None  # added at the run's end
     replans: list[dict] | None = None    # each re-plan at a stage boundary: where, the time spent, the new steps
+    exit_s: float = 0.0            # left for the command's end after the run's (EXIT_S; 0 in runs from before it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,24 +106,25 @@ def _stages(costs: list[StageCost], steps: list[int], steps_per_epoch: int, save
             for c, n in zip(costs, steps)]
 
 
-def make_plan(costs: list[StageCost], steps_per_epoch: int, budget_s: float, spent_s: float, save_s: float) -> BudgetPlan:
+def make_plan(costs: list[StageCost], steps_per_epoch: int, budget_s: float, spent_s: float, save_s: float,
+              exit_s: float = 0.0) -> BudgetPlan:
     """The plan for a run that has spent `spent_s` (loading, the probe) and writes `save_s`
-    seconds of files at each row, the last of them after training; `TooSmall` names the smallest
-    budget that would do."""
+    seconds of files at each row, the last of them after training, and whose command needs
+    `exit_s` after that (`EXIT_S`); `TooSmall` names the smallest budget that would do."""
     try:
-        steps = fit(costs, steps_per_epoch, budget_s - spent_s - save_s, save_s)
+        steps = fit(costs, steps_per_epoch, budget_s - spent_s - save_s - exit_s, save_s)
     except TooSmall as e:
         raise TooSmall(budget_s + e.minimum_s) from None
     predicted = spent_s + save_s + _seconds(costs, steps, steps_per_epoch, save_s)
     return BudgetPlan(round(budget_s / 60, 3), steps_per_epoch, _stages(costs, steps, steps_per_epoch, save_s),
-                      round(spent_s, 1), round(save_s, 2), round(predicted / 60, 3), replans=[])
+                      round(spent_s, 1), round(save_s, 2), round(predicted / 60, 3), replans=[], exit_s=exit_s)
 
 
 def replan(plan: BudgetPlan, start: int, costs: list[StageCost], spent_s: float) -> BudgetPlan:
     """The stages from `start` on planned again with the time left after `spent_s` and their costs
     (already scaled to the speed measured so far); earlier stages keep what they ran. With no
     time left, each remaining stage gets one step."""
-    left = plan.budget_minutes * 60 - spent_s - plan.save_s
+    left = plan.budget_minutes * 60 - spent_s - plan.save_s - plan.exit_s
     try:
         steps = fit(costs, plan.steps_per_epoch, left, plan.save_s)
     except TooSmall:
@@ -124,7 +133,7 @@ def replan(plan: BudgetPlan, start: int, costs: list[StageCost], spent_s: float)
     predicted = spent_s + plan.save_s + _seconds(costs, steps, plan.steps_per_epoch, plan.save_s)
     note = {"at_stage": start, "spent_s": round(spent_s, 1), "steps": steps}
     return BudgetPlan(plan.budget_minutes, plan.steps_per_epoch, stages, plan.spent_s, plan.save_s,
-                      round(predicted / 60, 3), replans=[*(plan.replans or []), note])
+                      round(predicted / 60, 3), replans=[*(plan.replans or []), note], exit_s=plan.exit_s)
 
 
 def describe(plan: BudgetPlan) -> str:

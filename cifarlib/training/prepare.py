@@ -98,7 +98,7 @@ def _plan_budget(run: Run):
     if runtime.is_main_process():
         spent = time.monotonic() - run.started
         try:
-            outcome = budget.make_plan(costs, spe, cfg.budget_minutes * 60, spent, save_s)
+            outcome = budget.make_plan(costs, spe, cfg.budget_minutes * 60, spent, save_s, budget.EXIT_S)
         except budget.TooSmall as e:
             outcome = (f"budget_minutes={cfg.budget_minutes:g} is too small for this run: loading the data and the "
                        f"model and timing the stages took {spent:.0f} s, and the shortest run (one step of each stage, "
@@ -110,7 +110,7 @@ def _plan_budget(run: Run):
         raise UserError(outcome)
     if runtime.is_main_process():
         began = time.time() - (time.monotonic() - run.started)  # the budget's start, on the wall clock
-        end = time.strftime("%H:%M", time.localtime(began + cfg.budget_minutes * 60))
+        end = time.strftime("%H:%M:%S", time.localtime(began + cfg.budget_minutes * 60))
         print(f"{budget.describe(outcome)}; the run ends by {end} ({cfg.budget_minutes:g} min after "
               f"{time.strftime('%H:%M:%S', time.localtime(began))})", flush=True)
         print(f"the same stages without a budget: budget_minutes=0 stages='{budget.reproduce(cfg.stages, outcome)}'"
