@@ -113,8 +113,8 @@ def recompile_probe(a, device, root: Path, optimizer: str) -> dict:
         graphs.append(len(gm.graph.nodes))
         return gm.forward
     torch._dynamo.reset()
-    old = train.COMPILE_BACKEND
-    train.COMPILE_BACKEND = counting
+    old = loop.COMPILE_BACKEND
+    loop.COMPILE_BACKEND = counting
     try:
         run = tiny_run(a, device, root, f"compile-{optimizer}", 3, optimizer, 2 * a.batch_size, compile=True,
                        image_size=min(a.image_size, 64))
@@ -122,7 +122,7 @@ def recompile_probe(a, device, root: Path, optimizer: str) -> dict:
         for _ in train.epochs(run):
             after.append(len(graphs))
     finally:
-        train.COMPILE_BACKEND = old
+        loop.COMPILE_BACKEND = old
     return {"recompiles": after[1] - after[0], "graphs_after_each_epoch": after,
             "stages": [r["stage"] for r in run.history], "recompiles_within_a_stage": after[2] - after[1],
             "backend": "eager (counted)"}

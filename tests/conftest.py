@@ -23,6 +23,17 @@ def cifar100_tarball(tmp_path_factory, cifar100_dir):
     return root / "cifar-100-python.tar.gz"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then as before: runs compared with one another then do
+    the same arithmetic."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory):
     """best.pt of a tiny run the suite trains itself (a clean clone has no earlier runs)."""

@@ -64,6 +64,35 @@ def test_a_run_saved_on_the_cpu_continues_on_cuda(tmp_path, monkeypatch):
     rows = list(train.epochs(run))
     assert len(rows) == 1 and math.isfinite(rows[0]["val_loss"])
     assert all(g["fused"] for g in run.stage.opt.param_groups)
+    assert {s["step"].device.type for s in run.stage.opt.state.values()} == {"cuda"}  # where fused AdamW reads them
+
+
+def test_a_run_saved_fused_on_cuda_resumed_unfused_keeps_its_counters_on_the_host(tmp_path, monkeypatch):
+    """Unfused AdamW reads each counter as a number: on the GPU, that is a wait per parameter and
+    step. Resumed unfused, the counters are on the CPU and an epoch waits only at its checks."""
+    calls, real = [], BatchAugment.__call__
+
+    def augment(self, x, y):
+        calls.append(1)
+        if len(calls) == 20 + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, y)
+    monkeypatch.setattr(BatchAugment, "__call__", augment)
+    run = train.prepare(tiny(tmp_path, "unfused", device="cuda", fused=True))
+    with pytest.raises(train.guard.Interrupted):
+        list(train.epochs(run))
+    monkeypatch.undo()
+    run = train.prepare(tiny(tmp_path, "unfused", device="cuda", fused=False, resume=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rows = list(train.epochs(run))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(rows) == 1 and {s["step"].device.type for s in run.stage.opt.state.values()} == {"cpu"}
+    in_adamw = [w for w in caught if "synchroniz" in str(w.message).lower() and "adamw" in w.filename]
+    assert not in_adamw, [f"{Path(w.filename).name}:{w.lineno}" for w in in_adamw]
 
 
 def test_an_nccl_group_stops_before_an_epochs_first_step(tmp_path, monkeypatch):

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
 
 from cifarlib.core import runtime
 from cifarlib.core.errors import UserError
@@ -26,7 +28,9 @@ from cifarlib.training.run import Run, StageRun
 
 def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
     """On the meta device tensors have no values, so any host read of one inside the loop (an
-    `.item()`, a tensor in an `if`, a small copy back) raises. Only the scheduled checks read."""
+    `.item()`, a tensor in an `if`, a small copy back) raises. Only the scheduled checks read.
+    Nor does the host wait on a copy to the device, the entry of `train_steps` included (its
+    running loss was once made by `torch.tensor(x, device=...)`, a copy the host waits for)."""
     plan = runtime.resolve_plan("meta", check_every=50)  # a device that is not the host: checks every 50 steps
     cfg = make_config("cpu", weights="none", backbone="resnet18", image_size=32, batch_size=8, accum_steps=2)
     net = build_model("resnet18", 10, "none").to(plan.device)
@@ -43,8 +47,70 @@ def test_a_training_epoch_reads_nothing_back_from_the_device(monkeypatch):
     monkeypatch.setattr(runtime, "sum_over_ranks", lambda *values: [0.0] * len(values))
     steps = []
     opt.register_step_post_hook(lambda *a: steps.append(1))
-    train.train_epoch(run, st, epoch=0)
-    assert len(steps) == 4 and len(checks) == 1  # 8 batches, 2 per optimizer step; one check
+    train.train_epoch(run, st, epoch=0)  # the first epoch fills the augmentation's caches of constants
+    checks.clear()
+    with HostToDevice() as copies:
+        train.train_epoch(run, st, epoch=1)
+    assert len(steps) == 8 and len(checks) == 1  # 8 batches an epoch, 2 per optimizer step; one check
+    assert not copies.seen, copies.seen  # and nothing copied to the device that the host waits for
+
+
+class HostToDevice(TorchFunctionMode):
+    """Records every copy from the host to another device that makes the host wait: a tensor made
+    from host data on the device (`torch.tensor(x, device=...)`, `new_tensor`), or `.to` and
+    `copy_` from host memory, unless from pinned memory and non-blocking. The copies made by
+    `runtime.to_device` are its business: on CUDA it copies from pinned memory without waiting
+    (`meta` has no pinned memory to show it). Each as the line of cifarlib that made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._waits(func, args, kwargs):
+            frames = [f for f in traceback.extract_stack() if "/cifarlib/" in f.filename]
+            if not any(f.name == "to_device" and f.filename.endswith("runtime.py") for f in frames):
+                self.seen.append(f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line}" if frames
+                                 else func.__name__)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _waits(func, args, kwargs) -> bool:
+        off_host = lambda d: d is not None and torch.device(d).type != "cpu"  # noqa: E731
+        if func in (torch.tensor, torch.as_tensor):
+            return off_host(kwargs.get("device"))
+        if func is torch.Tensor.new_tensor:
+            return off_host(kwargs.get("device", args[0].device))
+        if func is torch.Tensor.to:
+            device, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            return args[0].device.type == "cpu" and off_host(device) and not (non_blocking and args[0].is_pinned())
+        if func is torch.Tensor.copy_:
+            dst, src = args[0], args[1]
+            return src.device.type == "cpu" and off_host(dst.device) and not (
+                (kwargs.get("non_blocking") or args[2:3] == (True,)) and src.is_pinned())
+        return False
+
+
+def test_the_copy_counter_sees_a_blocking_copy_and_not_a_tensor_made_on_the_device():
+    with HostToDevice() as copies:
+        torch.tensor(1.0, device="meta")
+        torch.zeros(3).to("meta")
+        torch.empty(3, device="meta").copy_(torch.zeros(3))
+        torch.full((), 1.0, device="meta")
+        torch.zeros(3).to(torch.float64)
+    assert len(copies.seen) == 3, copies.seen
+
+
+def test_fp16_comes_with_fused_kernels_unless_asked_otherwise_and_then_says_it_waits():
+    """An unfused optimizer's gradient scaler reads the overflow flag back at every step."""
+    assert runtime.resolve_plan("cpu", precision="fp16").fused  # the plan's own choice
+    assert not runtime.resolve_plan("cpu", precision="fp16", fused=False).fused  # allowed when asked
+    forced = runtime.DevicePlan(torch.device("cuda", 0), "fp16", False, True, 50)  # a CUDA plan, made without CUDA
+    assert forced.scaler_waits and forced.describe().endswith(
+        "; the unfused optimizer's gradient scaler waits for the device at every step (fused=True avoids it)")
+    assert not runtime.DevicePlan(torch.device("cuda", 0), "fp16", True, True, 50).scaler_waits
+    assert not runtime.DevicePlan(torch.device("cpu"), "fp16", False, True, 1).scaler_waits  # the host does not wait
 
 
 @pytest.fixture
@@ -151,7 +217,7 @@ def _worker(rank: int, world: int, root: str) -> None:
                     calls.append(bucket.index())
                     return default_hooks.allreduce_hook(state, bucket)
                 self.register_comm_hook(None, hook)
-        train.nn.parallel.DistributedDataParallel = CountingDDP
+        torch.nn.parallel.DistributedDataParallel = CountingDDP  # what loop.stage_model wraps the model in
         steps = len(train.train_loader(run))
         next(train.epochs(run))
         out["micro_batches"], out["all_reduces"] = steps, calls.count(0)

@@ -28,6 +28,7 @@ from cifarlib.evaluation import runs
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cifarlib"
 TIMED = ("seconds", "images_per_s")
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs compared with one another: the same arithmetic
 # 160 images in batches of 8, accumulated in pairs: 20 batches and 10 optimizer steps an epoch;
 # a check every 5 optimizer steps under the GPU's choices
 TINY = dict(preset="cpu", dataset="synthetic", weights="none", backbone="test_resnet", image_size=32, batch_size=8,
@@ -41,12 +42,6 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("plans")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(root: Path, name: str, plan: str = "cpu", **kw):

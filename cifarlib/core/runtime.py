@@ -163,11 +163,20 @@ class DevicePlan:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "device": str(self.device)}
 
+    @property
+    def scaler_waits(self) -> bool:
+        """fp16 with an unfused optimizer on a device that is not the host: the gradient scaler
+        reads its overflow flag back (`.item()`) at every step, a wait on the device. The
+        device's own plan never does this (fp16 comes with fused kernels); a user may ask for it."""
+        return self.precision == "fp16" and not self.fused and not is_host(self.device)
+
     def describe(self) -> str:
         return (f"device plan: {self.device}, {self.precision}"
                 f"{' with a gradient scaler' if self.precision == 'fp16' else ''}, "
                 f"{'fused' if self.fused else 'unfused'} optimizer, {'channels_last' if self.channels_last else 'contiguous'}, "
-                f"a check every {self.check_every} optimizer step{'s' if self.check_every != 1 else ''}")
+                f"a check every {self.check_every} optimizer step{'s' if self.check_every != 1 else ''}"
+                + ("; the unfused optimizer's gradient scaler waits for the device at every step (fused=True avoids it)"
+                   if self.scaler_waits else ""))
 
 
 def _fused_devices() -> list[str]:
@@ -185,7 +194,8 @@ def resolve_plan(device: str | torch.device = "auto", precision: str = "auto", f
     and a combination the device cannot run is a `UserError`, given before anything loads.
 
     The choices: on CUDA, bf16 autocast where the GPU has it natively (compute capability 8.0 and
-    up), else fp16 with a gradient scaler; fused optimizers; channels_last (fastest for
+    up), else fp16 with a gradient scaler; fused optimizers (and wherever fp16 is asked for and the
+    device has them: its scaler would otherwise wait for the device at every step); channels_last (fastest for
     convolutions with cuDNN); a check every 50 optimizer steps. On the CPU, fp32 (this
     project's CPUs have no native bf16 or fp16: autocast there is slow); unfused optimizers;
     channels_last (a training step of ResNet-50 at 64 px ran 1.1x faster, of EfficientNet-Lite0
@@ -207,8 +217,8 @@ def resolve_plan(device: str | torch.device = "auto", precision: str = "auto", f
     for name, value in (("fused", fused), ("channels_last", channels_last)):
         if value != "auto" and not isinstance(value, bool):
             raise UserError(f"{name} must be 'auto', True or False, not {value!r}.")
-    if fused == "auto":
-        fused = cuda
+    if fused == "auto":  # and with fp16 wherever it can: an unfused step's scaler reads its overflow flag back
+        fused = cuda or (precision == "fp16" and dev.type in _fused_devices())
     elif fused and dev.type not in _fused_devices():
         raise UserError(f"fused=True: this torch has no fused optimizer kernels for {dev.type} devices "
                         f"(it has them for {', '.join(_fused_devices())}). Use fused=False or auto.")

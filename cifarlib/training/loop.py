@@ -2,8 +2,9 @@
 
 `train_steps` trains from a `Position` (an epoch's batch order, the batches done, the running
 sums) until the epoch ends or one of its scheduled checks asks the caller to save or to stop.
-The host never waits for the device inside a step: nothing reads a device value back. It waits
-only at the scheduled checks, every `plan.check_every` optimizer steps (50 on a GPU, where each
+The host never waits for the device inside a step: nothing reads a device value back (but the
+gradient scaler of a plan forced to fp16 with an unfused optimizer, which its printed plan says:
+`DevicePlan.scaler_waits`). It waits only at the scheduled checks, every `plan.check_every` optimizer steps (50 on a GPU, where each
 wait drains the queue of launched work; every step on the CPU, where it costs nothing) and at
 the epoch's end. A check reads, in one small tensor all-reduced over the ranks, the stop flag
 that signals set, the first batch whose loss was not finite, and whether a periodic save is
@@ -31,12 +32,13 @@ from ..core import progress, runtime
 from ..data.datasets import Batches
 from ..model.backbones import GROUPS
 from ..model.inference import logits
-from .config import Config, Stage, stage_steps
+from .config import Stage, stage_steps
 from .run import Position, Run, StageRun
 
 if TYPE_CHECKING:
     from .guard import StopSignals
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
 NO_BAD_STEP = 1 << 62  # first bad batch b is carried as NO_BAD_STEP - b, so that a MAX finds the first
 TRACE_POINTS = 200  # at most about this many points of the trace an epoch (at checks, so every few checks)
 
@@ -50,6 +52,19 @@ def apply_stage(model: nn.Module, groups: dict[str, list[str]], stage: Stage) ->
     return [{"params": [params[n] for n in groups[g]], "lr": lr, "name": g} for g, lr in zip(stage.groups, stage.lr)]
 
 
+def stage_model(run: Run) -> nn.Module:
+    """What a stage trains through, and what the budget's probe times: the model, in DDP under
+    torchrun, compiled if asked. Compiling the same model again finds dynamo's graphs for the same
+    trainable layers (a second `torch.compile` of a module started in 1 ms on the CPU, against 24 s
+    the first time), so the probe pays each stage's compilation once, before the plan is made."""
+    net = run.model
+    if runtime.distributed():
+        net = nn.parallel.DistributedDataParallel(net, device_ids=runtime.ddp_device_ids(run.device))
+    if run.cfg.compile:  # static shapes: training batches all have one size (drop_last)
+        net = torch.compile(net, dynamic=False, backend=COMPILE_BACKEND)
+    return net
+
+
 def train_mode(model: nn.Module, frozen_bn: str = "eval") -> None:
     """model.train(); with `frozen_bn="eval"`, BatchNorm layers whose parameters are all frozen
     stay in eval mode and keep their (pretrained) statistics, while with "train" they go on
@@ -59,42 +74,6 @@ def train_mode(model: nn.Module, frozen_bn: str = "eval") -> None:
         if frozen_bn == "eval" and isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
                 p.requires_grad for p in m.parameters()):
             m.eval()
-
-
-def make_optimizer(cfg: Config, param_groups: list[dict[str, Any]], fused: bool) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay, fused=fused)
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, fused: bool) -> None:
-    """Load a saved optimizer state under this run's plan: `load_state_dict` copies the saved
-    groups' flags back, so a run saved unfused (on the CPU, say) would stay unfused on CUDA,
-    and the other way round; the plan's `fused` is set again on every group."""
-    opt.load_state_dict(state)
-    for group in opt.param_groups:
-        group["fused"] = fused
-        if fused:
-            group["foreach"] = None  # fused and foreach exclude each other
-
-
-def make_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, steps: int):
-    """OneCycleLR over exactly `steps` optimizer steps (at least 2, which it needs). A warm-up of
-    exactly one step would end at step 0 and divide by zero in OneCycleLR; it is made a hair
-    longer."""
-    total = max(steps, 2)
-    warmup = stage.warmup * (1 + 1e-6) if stage.warmup * total == 1 else stage.warmup
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=list(stage.lr), total_steps=total, pct_start=warmup,
-        anneal_strategy=stage.anneal, cycle_momentum=cfg.cycle_momentum and cfg.optimizer == "sgd")
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
-    """A run saved without fp16 holds a disabled scaler's `{}`, which an enabled scaler refuses;
-    it then starts afresh, as any new run does."""
-    if state:
-        scaler.load_state_dict(state)
 
 
 def train_loader(run: Run) -> Batches:
@@ -153,8 +132,8 @@ def train_steps(run: Run, st: StageRun, pos: Position, stop: StopSignals | None 
     train_mode(st.net, run.cfg.frozen_bn)
     inner = getattr(st.net, "_orig_mod", st.net)  # under torch.compile
     ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
-    if not isinstance(pos.loss_sum, torch.Tensor):
-        pos.loss_sum = torch.tensor(float(pos.loss_sum), device=run.device)
+    if not isinstance(pos.loss_sum, torch.Tensor):  # made on the device: torch.tensor would copy it there and wait
+        pos.loss_sum = torch.full((), float(pos.loss_sum), dtype=torch.float32, device=run.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
     steps_here = -(-pos.end // accum)  # optimizer steps in this epoch
     record_every = plan.check_every * -(-steps_here // (TRACE_POINTS * plan.check_every))

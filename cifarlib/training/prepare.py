@@ -47,9 +47,14 @@ def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> R
     (`cifarlib.core.clock`), else now. `folder=False` makes no run folder and writes nothing (the
     learning-rate finder's run)."""
     started = clock.command_started() if started is None else started
-    rank, world = runtime.setup_distributed(cfg.device)
     checkpoints.SAVER.wait()  # a save of this process still being written (a notebook's last run)
-    cfg, saved = _config(cfg)
+    saved = _saved(cfg)
+    if saved:
+        cfg = resumed(saved["config"], cfg)  # its device too: the process group's backend follows it
+    rank, world = runtime.setup_distributed(cfg.device)
+    if not saved:
+        name = cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)
+        cfg = replace(cfg, run_name=runtime.broadcast_object(name))  # one name, whatever the ranks' clocks
     plan = runtime.resolve_plan(cfg.device, cfg.precision, cfg.fused, cfg.channels_last, cfg.check_every)
     budget_plan = (cfg.plan or {}).get("budget") if saved else None  # a resumed run keeps its plan
     cfg = replace(cfg, plan={**plan.to_dict(), **({"budget": budget_plan} if budget_plan else {})})
@@ -140,17 +145,16 @@ def _record_config(cfg: Config, path, resumed: bool) -> None:
             os.utime(path, ns=(began, began))
 
 
-def _config(cfg: Config) -> tuple[Config, dict[str, Any] | None]:
-    """The run's config, and for a resumed run its saved last.pt: its own recipe, where and how
-    it runs now (`config.resumed`)."""
+def _saved(cfg: Config) -> dict[str, Any] | None:
+    """A resumed run's last.pt (every rank reads it), whose config is the run's own recipe with
+    where and how it runs now (`config.resumed`); None for a new run. No collective: the process
+    group is set up after, for the device the merged config names."""
     if not cfg.resume:
-        name = cfg.run_name or checkpoints.default_run_name(cfg.preset, cfg.backbone)
-        return replace(cfg, run_name=runtime.broadcast_object(name)), None  # one name, whatever the ranks' clocks
+        return None
     if not cfg.run_name:
         raise UserError("resume=True needs the run_name of the run to continue.")
     path = checkpoints.prepare_run_dir(cfg.run_name, resume=True, overwrite=False, root=cfg.checkpoint_dir)
-    saved = checkpoints.load(path / "last.pt")
-    return resumed(saved["config"], cfg), saved
+    return checkpoints.load(path / "last.pt")
 
 
 def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
@@ -164,11 +168,22 @@ def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
     run.started -= r.get("spent_s", 0.0)  # the time spent before counts against a budget
     run.at = Progress(r["next_stage"], r["next_epoch"])
     if r.get("step") is not None:
-        lead = runtime.is_main_process()  # the saved sums are the ranks' total
-        run.epoch = Position(len(run.history), r["order"], epoch_end(run), r["step"],
-                             r["loss_sum"] if lead else 0.0, r["seen"] if lead else 0, r["train_seconds"], r["seconds"],
-                             traced=tuple(r.get("traced", (r["loss_sum"], r["seen"], r["step"] // run.cfg.accum_steps))))
+        lead = runtime.is_main_process()  # the saved sums are the ranks' total, which rank 0 carries on
+        loss_sum, seen = (r["loss_sum"], r["seen"]) if lead else (0.0, 0)
+        run.epoch = Position(len(run.history), r["order"], epoch_end(run), r["step"], loss_sum, seen,
+                             r["train_seconds"], r["seconds"], traced=_traced(r, loss_sum, seen, run.cfg.accum_steps))
     runstate.restore_rng(run, r["rng"], rank)
+
+
+def _traced(r: dict[str, Any], loss_sum: float, seen: int, accum: int) -> tuple[float, int, int]:
+    """The trace's last point for a resumed epoch, against the sums it resumes with: rank 0's loss
+    and images since that point were saved (`traced_since`), so that the next point's mean is
+    rank 0's alone, as it is in a run never stopped, though the sums carried on are every rank's.
+    Saves from before it hold the point itself, right for one process."""
+    if "traced_since" in r:
+        loss_since, seen_since, step = r["traced_since"]
+        return loss_sum - loss_since, seen - seen_since, step
+    return tuple(r.get("traced", (r["loss_sum"], r["seen"], r["step"] // accum)))
 
 
 def replan(run: Run, si: int) -> Config:

@@ -58,8 +58,11 @@ def resume_state(run: Run, st: StageRun, pos: Position | None) -> dict[str, Any]
              "rng": rng_states(run), "spent_s": time.monotonic() - run.started}
     if pos is not None:
         loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
+        # the trace's last point, as this rank's loss and images since it: the sums saved are every
+        # rank's, while the trace follows this rank (rank 0) alone
+        since = [float(pos.loss_sum) - pos.traced[0], pos.seen - pos.traced[1], pos.traced[2]]
         state.update(step=pos.step, order=pos.order, loss_sum=loss_sum, seen=int(seen),
-                     train_seconds=pos.train_seconds, seconds=pos.seconds, traced=list(pos.traced))
+                     train_seconds=pos.train_seconds, seconds=pos.seconds, traced=list(pos.traced), traced_since=since)
     return state
 
 

@@ -50,9 +50,6 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, Iterator
 
-import torch
-from torch import nn
-
 from ..core import clock, runtime
 from ..core.errors import UserError, cli_errors
 from ..model import checkpoints
@@ -60,14 +57,14 @@ from ..model.backbones import GROUPS
 from . import guard, runstate
 from .config import (AUTO_BUDGET_MINUTES, PRESETS, Config, make_config, parse_value, stage_image_size, stage_rows,
                      stage_steps)
-from .loop import (apply_stage, epoch_end, load_optimizer_state, load_scaler_state, make_optimizer,  # noqa: F401
-                   make_schedule, steps_per_epoch, train_epoch, train_loader, train_mode, train_steps, validate)
+from .loop import (apply_stage, epoch_end, stage_model, steps_per_epoch, train_epoch, train_loader,  # noqa: F401
+                   train_mode, train_steps, validate)
+from .optimizer import load_optimizer_state, load_scaler_state, make_optimizer, make_schedule  # noqa: F401
 from .prepare import prepare, record_actual_time, replan
 from .run import Position, Progress, Run, StageRun
 from .stopping import Patience
 from .trial import find_lr  # noqa: F401  (train.find_lr(run, stage=None))
 
-COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
 
 
 # --- training, from the top down -----------------------------------------------------------------
@@ -111,7 +108,7 @@ def _start_stage(run: Run) -> StageRun:
     run.aug.size = stage_image_size(cfg, stage)
     params = apply_stage(run.model, run.groups, stage)
     opt = make_optimizer(cfg, params, run.plan.fused)
-    st = StageRun(si, stage, _stage_model(run), opt, make_schedule(cfg, opt, stage, stage_steps(stage, steps_per_epoch(run))),
+    st = StageRun(si, stage, stage_model(run), opt, make_schedule(cfg, opt, stage, stage_steps(stage, steps_per_epoch(run))),
                   run.plan.scaler())
     if saved is not None and saved["stage"] == si:
         load_optimizer_state(opt, saved["optimizer"], run.plan.fused)
@@ -119,16 +116,6 @@ def _start_stage(run: Run) -> StageRun:
         load_scaler_state(st.scaler, saved.get("scaler", {}))
         st.patience = Patience(saved["stage_best"], saved["bad_epochs"])
     return st
-
-
-def _stage_model(run: Run) -> nn.Module:
-    """What a stage trains through: the model, in DDP under torchrun, compiled if asked."""
-    net = run.model
-    if runtime.distributed():
-        net = nn.parallel.DistributedDataParallel(net, device_ids=runtime.ddp_device_ids(run.device))
-    if run.cfg.compile:  # static shapes: training batches all have one size (drop_last)
-        net = torch.compile(net, dynamic=False, backend=COMPILE_BACKEND)
-    return net
 
 
 def _epoch(run: Run, stop: guard.StopSignals) -> dict[str, Any]:

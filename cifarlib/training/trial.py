@@ -34,7 +34,8 @@ from ..core import runtime
 from ..model.inference import logits
 from .budget import StageCost
 from .config import stage_image_size
-from .loop import apply_stage, make_optimizer, make_schedule, train_loader, train_mode, train_steps
+from .loop import apply_stage, stage_model, train_loader, train_mode, train_steps
+from .optimizer import make_optimizer, make_schedule
 from .run import Position, Run, StageRun, Trace
 
 
@@ -66,7 +67,7 @@ def _stage_run(run: Run, si: int, schedule_steps: int) -> StageRun:
     stage = run.cfg.stages[si]
     run.aug.size = stage_image_size(run.cfg, stage)
     opt = make_optimizer(run.cfg, apply_stage(run.model, run.groups, stage), run.plan.fused)
-    return StageRun(si, stage, run.model, opt, make_schedule(run.cfg, opt, stage, schedule_steps), run.plan.scaler())
+    return StageRun(si, stage, stage_model(run), opt, make_schedule(run.cfg, opt, stage, schedule_steps), run.plan.scaler())
 
 
 def _validation_seconds(run: Run, size: int, batches: int = 3) -> float:
@@ -86,9 +87,11 @@ def _validation_seconds(run: Run, size: int, batches: int = 3) -> float:
 
 def probe(run: Run, stages: range | None = None, steps: int = 8, warmup: int = 2) -> list[StageCost]:
     """The cost of each stage in `stages` (default: all): an optimizer step's seconds, and a
-    validation pass's at the stage's size. Leaves no trace (`untouched`). Under torchrun every
-    rank probes; rank 0's times count."""
+    validation pass's at the stage's size, each through the model as the stage trains it (in DDP,
+    compiled: `loop.stage_model`) and with the plan's kernels tuned as training tunes them. Leaves
+    no trace (`untouched`). Under torchrun every rank probes; rank 0's times count."""
     costs = []
+    run.plan.tune()  # cuDNN's autotuning, as in training: the probe times the kernels it will run
     with untouched(run):
         for si in stages if stages is not None else range(len(run.cfg.stages)):
             stage = run.cfg.stages[si]
