@@ -7,19 +7,23 @@ How close a run comes to its budget is measured in benchmarks/README.md, not ass
 """
 
 import json
+import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 from cifarlib.core.errors import UserError
+from cifarlib.data.augment import BatchAugment
 from cifarlib.model import checkpoints
 from cifarlib.training import budget, config, curves, train, trial
 from cifarlib.training.budget import StageCost
 from cifarlib.training.config import make_config
 from cifarlib.evaluation import runs
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", weights="none", backbone="test_resnet", image_size=32, batch_size=16,
             max_train_samples=192, max_eval_samples=48, device="cpu")  # 12 steps an epoch
 
@@ -36,15 +40,31 @@ COSTS = [StageCost("head", 1, 64, step_s=0.1, val_s=2.0), StageCost("all", 2, 88
 
 def test_a_plan_keeps_the_presets_proportions_and_fits_the_time():
     for seconds in (60, 300, 3000):
-        head, all_ = budget.fit(COSTS, 100, seconds)
+        head, all_ = budget.proportional(COSTS, 100, seconds)
         used = sum(budget.stage_seconds(c, n, 100) for c, n in zip(COSTS, (head, all_)))
         assert used <= seconds and abs(all_ / head - 2) < 0.1  # the preset's 1:2, in optimizer steps
         more = [round(n * 1.02) + 1 for n in (head, all_)]
         assert sum(budget.stage_seconds(c, n, 100) for c, n in zip(COSTS, more)) > seconds  # not much left over
-    head, all_ = budget.fit(COSTS, 100, 300)
+    head, all_ = budget.proportional(COSTS, 100, 300)
     assert (head, all_) == (251, 501)  # 2.51 and 5.01 epochs: stages end inside epochs, validating 3 and 6 times
     assert budget.stage_seconds(COSTS[0], 251, 100) + budget.stage_seconds(COSTS[1], 501, 100) == pytest.approx(
         251 * 0.1 + 3 * 2.0 + 501 * 0.5 + 6 * 3.0)  # 299.6 s
+
+
+def test_a_stage_ends_at_an_epoch_boundary_unless_its_steps_past_it_pay_for_their_row():
+    """The last of 501 steps is 0.5 s past the 5th epoch and brings a row of 3 s: the stage ends at
+    500, and the 3.5 s go to the head, which grows; where the next whole epoch fits, the stage
+    goes on to it; where the steps past the boundary take longer than their row, they stay."""
+    head, all_ = budget.fit(COSTS, 100, 300)
+    assert all_ == 500 and head > 251
+    assert budget.stage_seconds(COSTS[0], head, 100) + budget.stage_seconds(COSTS[1], all_, 100) <= 300
+    assert budget.at_boundaries(COSTS, [251, 501], 100, seconds=400) == [251, 600]  # its next whole epoch fits
+    slow_rows = [StageCost("head", 1, 64, 0.1, 2.0), StageCost("all", 2, 88, 0.5, 30.0)]
+    assert budget.at_boundaries(slow_rows, [251, 530], 100, seconds=420)[1] == 500  # 30 steps, 15 s < a 30-s row
+    assert budget.at_boundaries(COSTS, [251, 530], 100, seconds=420) == [251, 530]  # 30 steps, 15 s > a 3-s row
+    assert budget.at_boundaries(COSTS, [51, 90], 100, seconds=420) == [51, 90]  # under an epoch: its row is its end
+    plan = budget.make_plan(COSTS, 100, budget_s=331, spent_s=30, save_s=0.0)  # the same, through the plan
+    assert plan.stages[1]["steps"] % 100 == 0
 
 
 def test_too_small_a_budget_names_the_smallest_that_would_do():
@@ -133,10 +153,10 @@ def test_the_probe_and_the_finder_leave_no_trace_and_the_finder_suggests_inside_
     costs = trial.probe(run, steps=2, warmup=1)
     assert [c.name for c in costs] == ["head", "all"] and all(c.step_s > 0 and c.val_s > 0 for c in costs)
     assert _same(before, _everything(run))
-    curve = train.find_lr(run, steps=30)
+    curve = train.find_lr(run, per_decade=3)
     assert _same(before, _everything(run))
-    assert 5 <= len(curve.losses) <= 30 and curve.stage == "head" and curve.peaks == (1e-3,)
-    assert min(curve.scales) <= curve.steepest <= max(curve.scales) and curve.scales[0] == pytest.approx(1e-7)
+    assert 5 <= len(curve.losses) <= 22 and curve.stage == "head" and curve.peaks == (1e-3,)
+    assert min(curve.scales) <= curve.valley <= max(curve.scales) and curve.scales[0] == pytest.approx(1e-4)
     assert "lr_scale=" in curve.advice()
     fig = curves.lr_finder(curve)
     assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].get_lines()) == 4  # the curve, two marks, the peak
@@ -147,7 +167,7 @@ def test_a_run_that_called_the_finder_first_has_the_same_history(tmp_path):
     for name, first in (("plain", False), ("after-finder", True)):
         run = train.prepare(tiny(tmp_path, name, epochs=2, max_train_samples=96))
         if first:
-            train.find_lr(run, steps=8)
+            train.find_lr(run, per_decade=1)
         list(train.epochs(run))
         rows.append([{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in run.history])
     assert rows[0] == rows[1]
@@ -207,3 +227,157 @@ def test_the_finder_on_the_command_line_trains_nothing_and_makes_no_run_folder(t
     plot = out.split("plot: ")[1].strip()
     assert os.path.isfile(plot) and not (tmp_path / "ckpt").exists()
     os.remove(plot)
+
+
+# --- issue 28: a planner that learns from the run, and a finder that can be trusted ---------------
+
+def stage_costs(run):
+    return [budget.StageCost(s.name, s.share, 32, 0.3, 0.5) for s in run.cfg.stages]
+
+
+def planned(tmp_path, name, monkeypatch, **kw):
+    """A budgeted tiny run whose probe is stood in for (0.3 s a step, 0.5 s a validation: more
+    than this tiny run takes, so that it trains only a few epochs): its plan is arithmetic on
+    given costs, whatever this machine's pace. No early stopping: each stage runs as planned."""
+    monkeypatch.setattr(trial, "probe", lambda run, stages=None, **k: [stage_costs(run)[i] for i in
+                                                                       (stages or range(len(run.cfg.stages)))])
+    monkeypatch.setattr(train, "_keep_pace", lambda *a: None)  # nor is the pace measured: it would plan long
+    return train.prepare(tiny(tmp_path, name, budget_minutes=kw.pop("budget_minutes", 0.5), max_train_samples=96,
+                              patience=100, **kw))
+
+
+def test_a_replan_scales_the_probe_by_the_pace_the_run_measured_and_does_not_probe_again(tmp_path, monkeypatch):
+    """The head stage ran at 0.89 of its probed step time: the full stage is planned at 0.89 of
+    its probe's too (the pace measured: a 10-minute run's probe timed 0.676 s a step, and the
+    stage then ran at 0.60)."""
+    from cifarlib.training import prepare as preparing
+    run = planned(tmp_path, "pace", monkeypatch)
+    plan = budget.BudgetPlan(**run.cfg.plan["budget"])
+    monkeypatch.setattr(trial, "probe", lambda *a, **k: pytest.fail("probed again"))
+    run.pace[0] = (0.267 * 50, 50, 1.0)  # 50 steps of the head at 0.267 s, validations of 1 s
+    costs, basis = preparing._costs_now(run, plan, 1)
+    assert costs[0].step_s == pytest.approx(0.3 * 0.89) and costs[0].val_s == pytest.approx(0.5 * 2)
+    assert basis == "the pace measured: 0.89x the probe's"
+    run.cfg = preparing.replan(run, 1)
+    assert run.cfg.plan["budget"]["replans"][-1]["basis"] == basis
+
+
+def test_a_run_resumed_at_a_stage_boundary_plans_again_and_a_replan_updates_the_epochs(tmp_path, monkeypatch):
+    """Stopped as its head stage ends (its last.pt at the next stage's step 0) and resumed: the
+    next stage is planned again, from a fresh probe (this process has measured nothing), and
+    config.json's epochs are the rows each stage writes as re-planned (the runs table replays
+    them)."""
+    real = train.validate
+
+    def validate(r, m):  # the head stage's last validation: last.pt is written at the boundary
+        if r.stage.index == 0 and len(r.history) + 1 == config.stage_rows(r.stage.stage, train.steps_per_epoch(r)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(r, m)
+    monkeypatch.setattr(train, "validate", validate)
+    run = planned(tmp_path, "boundary", monkeypatch)
+    with pytest.raises(train.guard.Interrupted):
+        list(train.epochs(run))
+    monkeypatch.setattr(train, "validate", real)
+    run = planned(tmp_path, "boundary", monkeypatch, resume=True)
+    assert run.at == train.Progress(1, 0)
+    replans = []
+    real_replan = train.replan
+    monkeypatch.setattr(train, "replan", lambda r, si: replans.append(si) or real_replan(r, si))
+    list(train.epochs(run))
+    assert replans == [1]
+    cfg = checkpoints.read_json(run.dir / "config.json")
+    spe = cfg["plan"]["budget"]["steps_per_epoch"]
+    assert [s["epochs"] for s in cfg["stages"]] == [-(-s["steps"] // spe) for s in cfg["stages"]]
+    assert runs.table(str(tmp_path / "ckpt")).set_index("run").loc["boundary", "status"] == "finished"
+
+
+def test_time_spent_between_the_plan_and_the_first_step_is_planned_for(tmp_path, monkeypatch):
+    """The finder's cell or a pause in notebook 03 comes between prepare's plan and training: the
+    first stage is planned again when it starts, with the time left then."""
+    run = planned(tmp_path, "pause", monkeypatch)
+    replans = []
+    real_replan = train.replan
+    monkeypatch.setattr(train, "replan", lambda r, si: replans.append(si) or real_replan(r, si))
+    run.planned_at -= 10  # ten seconds ago
+    run.started -= 10
+    list(train.epochs(run))
+    assert replans[0] == 0 and run.cfg.plan["budget"]["replans"][0]["at_stage"] == 0
+
+
+def test_the_finders_valley_is_not_fooled_by_the_noise_of_its_first_points():
+    """Simulated curves: flat with batch-loss noise, a real drop, then divergence, smoothed as the
+    finder smooths them. The steepest slope over the whole curve picked one of the first 10 steps
+    in most trials; the trimmed valley must pick none, and land in the drop."""
+    import random
+    rng, early, inside = random.Random(0), 0, 0
+    for trial_ in range(300):
+        scales = [1e-4 * 10 ** (i / 20) for i in range(141)]
+        drop, noise = rng.uniform(0.3, 1.0), rng.uniform(0.1, 0.2)
+        raw = [2.3 - drop / (1 + math.exp(-(math.log10(s) - 0) * 4)) + (0 if s < 30 else (math.log10(s) - 1.5) * 3)
+               + rng.gauss(0, noise) for s in scales]
+        avg, smooth = 0.0, []
+        for i, v in enumerate(raw):
+            avg = 0.98 * avg + 0.02 * v
+            smooth.append(avg / (1 - 0.98 ** (i + 1)))
+        curve = trial._suggest("head", ("head",), (1e-3,), scales, smooth, 141, 1.0)
+        early += curve.scales.index(curve.valley) < 10
+        inside += 1e-2 <= curve.valley <= 1e2
+    assert early == 0 and inside >= 290, (early, inside)
+
+
+def test_the_finders_advice_is_the_runs_lr_scale_times_the_valley(tmp_path):
+    curve = trial.LRCurve("head", ("head",), (5e-4,), [1.0], [1.0], valley=3.0, minimum_tenth=1.0, lr_scale=0.5)
+    assert "set lr_scale=1.5 " in curve.advice() and "lr_scale=0.5" in curve.advice()
+
+
+def test_the_finder_steps_the_effective_batch_and_sweeps_past_the_peak_until_the_loss_diverges(tmp_path, monkeypatch):
+    calls, real = [], BatchAugment.__call__
+    monkeypatch.setattr(BatchAugment, "__call__", lambda self, x, y: (calls.append(1), real(self, x, y))[1])
+    run = train.prepare(tiny(tmp_path, "sweep", accum_steps=2, max_train_samples=96))
+    curve = train.find_lr(run, per_decade=3)
+    assert len(calls) == 2 * len(curve.losses)  # two micro-batches an optimizer step
+    assert curve.scales[0] == pytest.approx(1e-4) and (max(curve.scales) > 10 or
+                                                      curve.losses[-1] > 4 * min(curve.losses))
+
+
+def test_find_lr_is_checked_as_every_setting_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "epochs", lambda run: pytest.fail("trained"))
+    for value in ("1", "true"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["preset=cpu", f"checkpoint_dir={tmp_path / 'ckpt'}", f"find_lr={value}"])
+        assert e.value.code == 2 and "find_lr must be True or False" in capsys.readouterr().err
+
+
+def test_notebook_03s_finder_leaves_no_run_folder_and_its_budget_line_can_be_followed(tmp_path, notebook_kernel):
+    """find_lr=True twice with the same run_name: no folder, no 'already exists'; and `stages`,
+    which a budget's plan prints, is a parameter of the notebook and of the command line."""
+    import papermill as pm
+    nb = ROOT / "notebooks" / "03_train.ipynb"
+    for i in range(2):
+        text = notebook_kernel.run(nb, tmp_path / f"{i}.ipynb", **{**TINY, "preset": "cpu", "max_train_samples": 48},
+                                   data_dir=str(tmp_path.parent / "data"), checkpoint_dir=str(tmp_path / "ckpt"),
+                                   run_name="finder", find_lr=True)
+        assert "learning-rate finder, stage 'head'" in text and "nothing was trained" in text
+    assert not (tmp_path / "ckpt").exists()
+    assert "stages" in pm.inspect_notebook(str(nb)) and "stages='[" in train._usage()
+
+
+def test_a_budgeted_runs_curves_count_the_epochs_of_data_it_saw(tmp_path, monkeypatch):
+    """A head stage of half an epoch, then one and a half: the rows end at 0.5, 1.5 and 2 epochs
+    of data, and the curves put them there; notebook 04's curves show the whole run, best.pt's
+    row marked, though best.pt's own history stops at it."""
+    from cifarlib.evaluation import plots
+    stages = json.dumps([{"name": "head", "share": 1, "groups": ["head"], "lr": [1e-3], "steps": 6},
+                         {"name": "all", "share": 2, "groups": ["layer4", "head"], "lr": [1e-3, 1e-2], "steps": 18}])
+    run = train.prepare(tiny(tmp_path, "seen", stages=stages))
+    rows = list(train.epochs(run))
+    assert [r["data_epochs"] for r in rows] == [0.5, 1.5, 2.0]
+    assert max(p["x"] for p in run.trace.points) == pytest.approx(2.0)
+    fig = curves.loss_curves(rows, run.trace.points)
+    val = next(line for line in fig.axes[0].get_lines() if line.get_label() == "validation loss")
+    assert list(val.get_xdata()) == [0.5, 1.5, 2.0]
+    best = checkpoints.load(run.dir / "best.pt")
+    fig = plots.training_curves(best, run.dir)
+    val = next(line for line in fig.axes[0].get_lines() if line.get_label() == "validation loss")
+    star = next(line for line in fig.axes[0].get_lines() if line.get_label().startswith("best.pt"))
+    assert len(val.get_xdata()) == 3 and star.get_xdata()[0] == rows[best["metrics"]["epoch"] - 1]["data_epochs"]

@@ -132,7 +132,7 @@ def tiny(root: Path, name: str, **kw):
 
 def test_history_has_a_learning_rate_per_layer_group_and_the_training_rate(reference):
     rows, folder = reference
-    assert list(rows[0]) == ["epoch", "stage", "stage_epoch", "lr_stem", "lr_layer1", "lr_layer2", "lr_layer3",
+    assert list(rows[0]) == ["epoch", "stage", "stage_epoch", "data_epochs", "lr_stem", "lr_layer1", "lr_layer2", "lr_layer3",
                              "lr_layer4", "lr_head", "train_loss", "val_loss", "val_acc", "seconds", "images_per_s"]
     assert [float(rows[0][f"lr_{g}"]) for g in ("stem", "layer4")] == [0.0, 0.0]  # frozen in the head stage
     assert all(float(rows[2][f"lr_{g}"]) > 0 for g in ("stem", "layer1", "head")) and float(rows[1]["images_per_s"]) > 0

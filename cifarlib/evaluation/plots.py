@@ -4,12 +4,17 @@ evaluation's figures. The helpers every figure uses (one drawing at a time, PNG 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import torch
 
+from ..data.augment import make_policy, mixes
 from ..data.datasets import CifarData, Split
+from ..model import checkpoints
+from ..training import curves
 from . import evaluate
 
 
@@ -115,6 +120,17 @@ def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
     flat = dist.triu(1).flatten()
     order = torch.argsort(torch.where(flat > 0, flat, torch.tensor(float("inf"))))[:n]
     return [(int(i) // d.num_classes, int(i) % d.num_classes) for i in order]
+
+
+def training_curves(checkpoint: dict, folder: Path):
+    """A run's loss curves over its whole history, with the row whose weights `checkpoint` holds
+    marked: best.pt's own history stops at that row, so the history and trace come from the
+    run's last.pt where the folder has it."""
+    last = folder / "last.pt"
+    whole = checkpoints.load(last) if last.is_file() else checkpoint
+    soft = mixes(make_policy(whole["config"].get("augmentation", "original")))
+    best = (checkpoint.get("metrics") or {}).get("epoch")
+    return curves.loss_curves(whole["history"], whole.get("trace", {}).get("points"), soft, best=best)
 
 
 def superclass_order(fine_to_coarse) -> list[int]:

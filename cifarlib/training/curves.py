@@ -15,14 +15,17 @@ from ..core.figures import ShownFigure, _one_at_a_time, png_bytes
 
 
 @_one_at_a_time
-def loss_curves(history: list[dict], trace: list[dict] | None = None, soft_targets: bool = False):
-    """Two panels over the epochs, stage boundaries marked on both. Above: the training loss,
+def loss_curves(history: list[dict], trace: list[dict] | None = None, soft_targets: bool = False,
+                best: int | None = None):
+    """Two panels over the epochs of data trained on (a budgeted run's rows may each be part of
+    an epoch: its `data_epochs`), stage boundaries marked on both. Above: the training loss,
     smoothed, within epochs (the run's trace, recorded at the loop's checks), with the validation
     loss and accuracy at each epoch's end. Below: each layer group's learning rate on a log scale,
     within epochs (warm-up, peak and anneal per group, as fastai's `plot_sched` shows them), a
     frozen group's spans drawn dotted along the bottom. Runs without a trace (from before it)
     show each epoch's training loss and last rate instead. `soft_targets`: the policy mixes
-    images (Mixup, CutMix), so the training loss is taken against soft targets.
+    images (Mixup, CutMix), so the training loss is taken against soft targets. `best`: the
+    epoch (row) whose weights are best.pt, marked on the validation loss.
 
     Drawn on a `matplotlib.figure.Figure` without pyplot, whose global state is not
     thread-safe: the background saver draws this while a notebook draws its live curves.
@@ -35,35 +38,39 @@ def loss_curves(history: list[dict], trace: list[dict] | None = None, soft_targe
         ax.plot(t["x"], t["loss"], "-", lw=1, label=what)
     if len(h):
         h = h.astype({"epoch": int, "train_loss": float, "val_loss": float, "val_acc": float})
+        h["x"] = h["data_epochs"].astype(float) if "data_epochs" in h else h["epoch"].astype(float)
         if not len(t):
-            ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label=what)
-        ax.plot(h["epoch"], h["val_loss"], "o-", ms=3, label="validation loss")
+            ax.plot(h["x"], h["train_loss"], "o-", ms=3, label=what)
+        ax.plot(h["x"], h["val_loss"], "o-", ms=3, label="validation loss")
+        if best is not None and (h["epoch"] == best).any():
+            row = h[h["epoch"] == best].iloc[0]
+            ax.plot([row["x"]], [row["val_loss"]], "*", ms=11, color="tab:red", label=f"best.pt (epoch {best})")
         acc = ax.twinx()
-        acc.plot(h["epoch"], h["val_acc"], "s--", ms=3, color="tab:green", label="validation accuracy")
+        acc.plot(h["x"], h["val_acc"], "s--", ms=3, color="tab:green", label="validation accuracy")
         acc.set_ylabel("accuracy")
         acc.set_ylim(0, 1)
         lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
         ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")
-    _rates(lr, t if len(t) else h, "x" if len(t) else "epoch")
     stages = t if len(t) else h
+    _rates(lr, stages, "-" if len(t) else "o-")
     if len(stages):
-        # where each stage begins: after the previous stage's last point (a trace's x is where a
-        # point's interval ends), or half-way between epochs' points
-        x = stages["x"] if len(t) else stages["epoch"] - 0.5
+        # where each stage begins: after the previous stage's last point (a point's x is where its
+        # interval of training ends)
+        x = stages["x"]
         starts = stages.index[stages["stage"] != stages["stage"].shift()]
-        begin = [(float(x[i - 1]) if i > 0 else 0.0) if len(t) else float(x[i]) for i in starts]
+        begin = [float(x[i - 1]) if i > 0 else 0.0 for i in starts]
         for panel in (ax, lr):  # vlines, not axvline: the panels' lines are the data alone
             panel.vlines(begin, 0, 1, transform=panel.get_xaxis_transform(), colors="grey", lw=0.8, linestyles=":")
         for b, i in zip(begin, starts):
             ax.text(b + 0.02, 0.98, stages.loc[i, "stage"], transform=ax.get_xaxis_transform(), va="top", fontsize=8)
     ax.set_ylabel("loss")
     lr.set_ylabel("learning rate")
-    lr.set_xlabel("epoch")
+    lr.set_xlabel("epochs of data")
     fig.tight_layout()
     return fig
 
 
-def _rates(panel, frame: pd.DataFrame, x: str) -> None:
+def _rates(panel, frame: pd.DataFrame, style: str) -> None:
     """Each group's learning rate on a log scale; where a group is frozen (rate 0), a dotted line
     in its colour along the bottom of the panel."""
     slots = [c for c in frame.columns if c.startswith("lr_")] or [c for c in ("lr",) if c in frame]
@@ -71,12 +78,11 @@ def _rates(panel, frame: pd.DataFrame, x: str) -> None:
         return
     rates = frame[slots].astype(float)
     floor = rates[rates > 0].min().min() if (rates > 0).any().any() else 1e-8
-    style = "-" if x == "x" else "o-"
     for k, c in enumerate(slots):
-        line, = panel.plot(frame[x], rates[c].where(rates[c] > 0), style, ms=2, lw=1, label=c.removeprefix("lr_"))
+        line, = panel.plot(frame["x"], rates[c].where(rates[c] > 0), style, ms=2, lw=1, label=c.removeprefix("lr_"))
         frozen = rates[c].where(rates[c] == 0)
         if frozen.notna().any():  # one row per group below the lowest rate, apart on the log scale
-            panel.plot(frame[x], frozen.where(frozen.isna(), floor / 3 / 1.6 ** k), ":", lw=1.5, color=line.get_color())
+            panel.plot(frame["x"], frozen.where(frozen.isna(), floor / 3 / 1.6 ** k), ":", lw=1.5, color=line.get_color())
     panel.set_yscale("log")
     panel.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), title="dotted below:\nfrozen",
                  title_fontsize=6)
@@ -86,15 +92,15 @@ def _rates(panel, frame: pd.DataFrame, x: str) -> None:
 def lr_finder(curve):
     """The learning-rate range test (`cifarlib.training.trial.find_lr`): the smoothed loss against the rate
     of the stage's last group (the others move in proportion), on a log axis, with the suggestion
-    (steepest descent) and the minimum / 10 marked."""
+    (the valley) and the minimum / 10 marked, each with the lr_scale that trains with it."""
     fig = ShownFigure(figsize=(6, 3.6))
     ax = fig.subplots()
     group, peak = curve.groups[-1], curve.peaks[-1]
     ax.plot([s * peak for s in curve.scales], curve.losses, "-", lw=1.2)
-    for scale, style, label in ((curve.steepest, "-", "steepest descent (suggested)"),
-                                (curve.minimum_tenth, ":", "minimum / 10")):
-        ax.axvline(scale * peak, color="tab:red", ls=style, lw=1, label=f"{label}: {scale * peak:.2g} (lr_scale={scale:.3g})")
-    ax.axvline(peak, color="grey", ls="--", lw=0.8, label=f"the preset's peak: {peak:.2g}")
+    for scale, style, label in ((curve.valley, "-", "valley (suggested)"), (curve.minimum_tenth, ":", "minimum / 10")):
+        ax.axvline(scale * peak, color="tab:red", ls=style, lw=1,
+                   label=f"{label}: {scale * peak:.2g} (lr_scale={scale * curve.lr_scale:.3g})")
+    ax.axvline(peak, color="grey", ls="--", lw=0.8, label=f"this run's peak: {peak:.2g} (lr_scale={curve.lr_scale:g})")
     ax.set_xscale("log")
     ax.set_xlabel(f"learning rate of {group} (the stage's other groups in proportion)")
     ax.set_ylabel("training loss, smoothed")

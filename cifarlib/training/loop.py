@@ -116,7 +116,7 @@ def _record(run: Run, st: StageRun, pos: Position, loss_sum: float, step: int) -
     last_loss, last_seen, last_step = pos.traced
     rates = {f"lr_{g}": 0.0 for g in GROUPS} | {f"lr_{g['name']}": g["lr"] for g in st.opt.param_groups}
     mean = (loss_sum - last_loss) / max(pos.seen - last_seen, 1)
-    run.trace.add(pos.epoch + pos.step / pos.end, st.stage.name, mean, step - last_step, rates)
+    run.trace.add(pos.x0 + pos.step / len(train_loader(run)), st.stage.name, mean, step - last_step, rates)
     pos.traced = (loss_sum, pos.seen, step)
 
 

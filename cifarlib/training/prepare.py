@@ -113,6 +113,7 @@ def _plan_budget(run: Run):
     outcome = runtime.broadcast_object(outcome)
     if isinstance(outcome, str):
         raise UserError(outcome)
+    run.planned_at = time.monotonic()
     if runtime.is_main_process():
         began = time.time() - (time.monotonic() - run.started)  # the budget's start, on the wall clock
         end = time.strftime("%H:%M:%S", time.localtime(began + cfg.budget_minutes * 60))
@@ -124,7 +125,10 @@ def _plan_budget(run: Run):
 
 
 def _with_budget(cfg: Config, plan: budget.BudgetPlan) -> Config:
-    stages = tuple(replace(st, steps=s["steps"]) for st, s in zip(cfg.stages, plan.stages))
+    """The stages as planned: their steps, and their epochs (the rows, validations, each writes),
+    which the runs table replays early stopping from."""
+    stages = tuple(replace(st, steps=s["steps"], epochs=stage_rows(replace(st, steps=s["steps"]), plan.steps_per_epoch))
+                   for st, s in zip(cfg.stages, plan.stages))
     return replace(cfg, stages=stages, plan={**cfg.plan, "budget": plan.to_dict()})
 
 
@@ -171,7 +175,8 @@ def _restore(run: Run, saved: dict[str, Any], rank: int) -> None:
         lead = runtime.is_main_process()  # the saved sums are the ranks' total, which rank 0 carries on
         loss_sum, seen = (r["loss_sum"], r["seen"]) if lead else (0.0, 0)
         run.epoch = Position(len(run.history), r["order"], epoch_end(run), r["step"], loss_sum, seen,
-                             r["train_seconds"], r["seconds"], traced=_traced(r, loss_sum, seen, run.cfg.accum_steps))
+                             r["train_seconds"], r["seconds"], traced=_traced(r, loss_sum, seen, run.cfg.accum_steps),
+                             x0=run.data_epochs)
     runstate.restore_rng(run, r["rng"], rank)
 
 
@@ -187,16 +192,41 @@ def _traced(r: dict[str, Any], loss_sum: float, seen: int, accum: int) -> tuple[
 
 
 def replan(run: Run, si: int) -> Config:
-    """Stages `si` on planned again from the speed measured now (a fresh probe of those stages,
-    so that a slower or busier machine than at the start is seen) and the time left. Rank 0
-    decides."""
+    """Stages `si` on planned again, as a stage starts, with the time left and what the run has
+    measured (`_costs_now`). Rank 0 decides."""
     plan = budget.BudgetPlan(**run.cfg.plan["budget"])
-    costs = trial.probe(run, range(si, len(run.cfg.stages)))
-    outcome = budget.replan(plan, si, costs, time.monotonic() - run.started) if runtime.is_main_process() else None
+    costs, basis = _costs_now(run, plan, si)
+    outcome = budget.replan(plan, si, costs, time.monotonic() - run.started, basis) if runtime.is_main_process() else None
     outcome = runtime.broadcast_object(outcome)
+    run.planned_at = time.monotonic()
+    cfg = _with_budget(run.cfg, outcome)
     if runtime.is_main_process():
-        print(f"re-planned at stage {run.cfg.stages[si].name!r}: {budget.describe(outcome)}", flush=True)
-    return _with_budget(run.cfg, outcome)
+        print(f"re-planned at stage {run.cfg.stages[si].name!r} ({basis}): {budget.describe(outcome)}", flush=True)
+        if run.dir is not None:  # the runs table reads the stages' rows from it, the run stopped or not
+            _record_config(cfg, run.dir / "config.json", resumed=True)
+    return cfg
+
+
+def _costs_now(run: Run, plan: budget.BudgetPlan, si: int) -> tuple[list[budget.StageCost], str]:
+    """What stages `si` on will cost, and on what it rests. Where this process has trained the
+    stage before, its pace as measured against the probe's for that stage scales the probe's
+    figures of the stages to come: the probe tells how sizes and layers compare, the run how fast
+    this machine goes now (a probe that ran 11% slow made a plan end 11% early). Where it has
+    measured nothing (a run resumed at a stage boundary, maybe on another machine) the stages
+    are probed again; before the first stage, the plan's own probe stands."""
+    stages = run.cfg.stages[si:]
+    probed = plan.stages[si:]
+    if si and si - 1 in run.pace:
+        train_s, steps, val_s = run.pace[si - 1]
+        before = plan.stages[si - 1]
+        step_k = (train_s / max(steps, 1)) / max(before["step_s"], 1e-9)
+        val_k = val_s / max(before["val_s"], 1e-9) if before["val_s"] > 0 else step_k
+        return [budget.StageCost(st.name, st.share, p["image_size"], p["step_s"] * step_k, p["val_s"] * val_k)
+                for st, p in zip(stages, probed)], f"the pace measured: {step_k:.2f}x the probe's"
+    if si:
+        return trial.probe(run, range(si, len(run.cfg.stages))), "probed again"
+    return [budget.StageCost(st.name, st.share, p["image_size"], p["step_s"], p["val_s"])
+            for st, p in zip(stages, probed)], "the probe's"
 
 
 def record_actual_time(run: Run) -> None:

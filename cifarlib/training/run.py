@@ -44,6 +44,7 @@ class Position:
     seconds: float = 0.0                      # wall time of the epoch so far
     bad_step: int | None = None               # the first batch whose loss was not finite
     traced: tuple[float, int, int] = (0.0, 0, 0)  # loss sum, images and optimizer steps at the trace's last point
+    x0: float = 0.0                           # epochs of data seen before this epoch (the curves' x)
 
 
 @dataclass
@@ -106,7 +107,16 @@ class Run:
     last_save: float = field(default_factory=time.monotonic)
     memory_checked: bool = False
     started: float = field(default_factory=time.monotonic)  # the run's clock (monotonic), less time spent before a resume
+    planned_at: float | None = None       # when a budget's plan was last made (prepare, at a stage's start)
+    pace: dict[int, tuple[float, int, float]] = field(default_factory=dict)  # per stage, what this process
+    # measured of it: training seconds, optimizer steps, validation seconds (train._end_epoch)
 
     @property
     def device(self) -> torch.device:
         return self.plan.device
+
+    @property
+    def data_epochs(self) -> float:
+        """Epochs of data trained on up to the last history row: a budgeted run's rows may each
+        be part of an epoch (rows from before this column: one epoch each)."""
+        return float(self.history[-1].get("data_epochs", len(self.history))) if self.history else 0.0

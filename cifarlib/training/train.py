@@ -65,6 +65,8 @@ from .run import Position, Progress, Run, StageRun
 from .stopping import Patience
 from .trial import find_lr  # noqa: F401  (train.find_lr(run, stage=None))
 
+REPLAN_AFTER_S = 2.0  # a pause longer than this between a budget's plan and its first step is planned for
+
 
 
 # --- training, from the top down -----------------------------------------------------------------
@@ -79,6 +81,8 @@ def epochs(run: Run) -> Iterator[dict[str, Any]]:
     """
     if run.broken:
         raise UserError(run.broken)
+    if run.dir is None:  # the learning-rate finder's run (prepare(folder=False)): nothing to write to
+        return
     _check_memory(run)
     run.plan.tune()
     with guard.StopSignals() as stop, _failures(run):
@@ -98,10 +102,12 @@ def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
 def _start_stage(run: Run) -> StageRun:
     """A stage's layers made trainable, at its image size, with a fresh optimizer and one-cycle
     schedule, or those a resumed run saved inside this stage. A budgeted run first plans this
-    stage and the rest again, from the speed it has measured so far."""
+    stage and the rest again (`_replans`)."""
     si, saved = run.at.stage, run.saved
     run.saved = None
-    if saved is None and si > 0 and "budget" in (run.cfg.plan or {}):
+    if saved is not None and not _trained_inside(saved, si):
+        saved = None  # stopped before its first step: the stage starts afresh, and may be planned again
+    if _replans(run, si, saved):
         run.cfg = replan(run, si)
     cfg = run.cfg
     stage = cfg.stages[si]
@@ -110,7 +116,7 @@ def _start_stage(run: Run) -> StageRun:
     opt = make_optimizer(cfg, params, run.plan.fused)
     st = StageRun(si, stage, stage_model(run), opt, make_schedule(cfg, opt, stage, stage_steps(stage, steps_per_epoch(run))),
                   run.plan.scaler())
-    if saved is not None and saved["stage"] == si:
+    if saved is not None:
         load_optimizer_state(opt, saved["optimizer"], run.plan.fused)
         st.sched.load_state_dict(saved["scheduler"])
         load_scaler_state(st.scaler, saved.get("scaler", {}))
@@ -118,19 +124,37 @@ def _start_stage(run: Run) -> StageRun:
     return st
 
 
+def _trained_inside(saved: dict[str, Any], si: int) -> bool:
+    """Whether a resumed run's save is from inside stage `si`, after some of its steps. A stop
+    that comes as a stage ends saves the next stage's fresh state at its step 0."""
+    return saved["stage"] == si and (saved["next_epoch"] > 0 or bool(saved.get("step")))
+
+
+def _replans(run: Run, si: int, saved: dict[str, Any] | None) -> bool:
+    """Whether a budgeted run plans again as stage `si` starts: at every stage that starts afresh
+    (not one a resumed run saved inside: its one-cycle schedule is under way), a resumed run's
+    first included, so that the time of its restart is won back; at the first stage only where
+    time has passed since the plan was made (the finder's cell of notebook 03, a pause), which the
+    plan did not count."""
+    if "budget" not in (run.cfg.plan or {}) or saved is not None:
+        return False
+    return si > 0 or run.planned_at is None or time.monotonic() - run.planned_at > REPLAN_AFTER_S
+
+
 def _epoch(run: Run, stop: guard.StopSignals) -> dict[str, Any]:
     """One epoch: its steps from where it stands, saving or stopping wherever a check asks; then
     its end."""
     if run.epoch is None:
         loader = train_loader(run)
-        run.epoch = Position(len(run.history), loader.order(len(run.history)), epoch_end(run))
+        run.epoch = Position(len(run.history), loader.order(len(run.history)), epoch_end(run), x0=run.data_epochs)
     pos = run.epoch
     start = time.time() - pos.seconds
+    began = (pos.step, pos.train_seconds)  # what this process trains of the epoch: the budget's measured pace
     while (event := _steps(run, pos, stop)) != "done":
         pos.seconds = time.time() - start
         _act_on(run, pos, event, stop)
     run.epoch = None
-    return _end_epoch(run, pos, start)
+    return _end_epoch(run, pos, start, began)
 
 
 def _steps(run: Run, pos: Position, stop: guard.StopSignals) -> str:
@@ -155,11 +179,15 @@ def _act_on(run: Run, pos: Position, event: str, stop: guard.StopSignals) -> Non
         raise guard.Interrupted(guard.interrupted_message(pos.epoch + 1, pos.step, run.cfg.run_name), stop.signum or 2)
 
 
-def _end_epoch(run: Run, pos: Position, start: float) -> dict[str, Any]:
-    """Validation, early stopping, the history row, where training goes on, and the save."""
+def _end_epoch(run: Run, pos: Position, start: float, began: tuple[int, float]) -> dict[str, Any]:
+    """Validation, early stopping, the history row, the pace measured, where training goes on,
+    and the save."""
     cfg, st = run.cfg, run.stage
     loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
+    t0 = time.perf_counter()
     val_loss, val_acc = validate(run, run.model)  # uncompiled: no recompile for eval mode or its last batch
+    _keep_pace(run, st.index, -(-(pos.step - began[0]) // cfg.accum_steps), pos.train_seconds - began[1],
+               time.perf_counter() - t0)
     pos.seconds = time.time() - start
     train_loss = loss_sum / max(seen, 1)
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -177,6 +205,13 @@ def _end_epoch(run: Run, pos: Position, start: float) -> dict[str, Any]:
     if runtime.is_main_process():
         runstate.submit(run, {"metrics": row, "resume": state}, {"metrics": row} if improved else None, rows=True)
     return row
+
+
+def _keep_pace(run: Run, stage: int, steps: int, train_s: float, val_s: float) -> None:
+    """Add an epoch's optimizer steps, training seconds and validation seconds, as this process
+    measured them, to its stage's (what a budget's next plan scales the probe by)."""
+    t, n, v = run.pace.get(stage, (0.0, 0, 0.0))
+    run.pace[stage] = (t + train_s, n + steps, v + val_s)
 
 
 def _next(at: Progress, stage_epochs: int, stopped: bool, stop_ends_run: bool, stages: int) -> Progress:
@@ -221,7 +256,8 @@ def _row(run: Run, st: StageRun, pos: Position, train_loss: float, val_loss: flo
          seen: float) -> dict[str, Any]:
     rates = {f"lr_{g}": 0.0 for g in GROUPS}  # frozen groups: 0
     rates.update({f"lr_{g['name']}": round(g["lr"], 10) for g in st.opt.param_groups})
-    return {"epoch": pos.epoch + 1, "stage": st.stage.name, "stage_epoch": run.at.epoch + 1, **rates,
+    return {"epoch": pos.epoch + 1, "stage": st.stage.name, "stage_epoch": run.at.epoch + 1,
+            "data_epochs": round(pos.x0 + pos.end / len(train_loader(run)), 6), **rates,
             "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
             "seconds": round(pos.seconds, 2), "images_per_s": round(seen / max(pos.train_seconds, 1e-9), 1)}
 
@@ -232,6 +268,18 @@ def format_row(row: dict[str, Any], run: Run) -> str:
     return (f"epoch {row['epoch']}/{total} [{row['stage']}] train_loss {row['train_loss']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.2%} lr_head {row['lr_head']:.2e} "
             f"{row['seconds']:.1f} s {row['images_per_s']:.0f} img/s")
+
+
+def summary(run: Run) -> str:
+    """Notebook 03's last lines: the best epoch and where the run's files are, or, for the
+    finder's run (no folder), that nothing was trained."""
+    if run.dir is None:
+        return "find_lr=True: nothing was trained and no run folder made; set find_lr=False to train."
+    if not run.history:
+        return f"no epoch trained yet; run files: {run.dir}"
+    best = min(run.history, key=lambda r: r["val_loss"])
+    return (f"best validation loss {best['val_loss']:.4f} (accuracy {best['val_acc']:.2%}) at epoch {best['epoch']}; "
+            f"saved in {run.dir / 'best.pt'}\nrun files: {run.dir}")
 
 
 def _rates(opt) -> dict[str, float]:
@@ -266,7 +314,10 @@ def _usage() -> str:
     for f in fields(Config):
         if f.name not in ("stages", "plan", "given"):
             lines.append(f"  {f.name}={getattr(base, f.name)!r}")
-    lines += ["  find_lr=False (the command line's own: run the learning-rate finder, print its suggestion, train nothing)",
+    lines += ["  stages='[{\"name\": \"head\", \"share\": 1, \"groups\": [\"head\"], \"lr\": [0.001], \"steps\": 200}, ...]'",
+              "    (the preset's stages replaced: a JSON list, each with name, share, groups, lr and optionally",
+              "    warmup, anneal, image_size, steps; a budget's plan prints the one that trains its stages)",
+              "  find_lr=False (the command line's own: run the learning-rate finder, print its suggestion, train nothing)",
               "", f"presets: {', '.join(PRESETS)}, and auto (the default): original on a CUDA GPU; elsewhere cpu, with",
               f"budget_minutes={AUTO_BUDGET_MINUTES:g} unless epochs or budget_minutes is given"]
     return "\n".join(lines)
@@ -284,8 +335,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"expected key=value, got {' '.join(bad)} (see --help).")
             kv = {k: parse_value(v) for k, v in (a.split("=", 1) for a in argv)}
             find = kv.pop("find_lr", False)  # a key of the command line only: it trains nothing
+            if not isinstance(find, bool):  # checked as every setting is: find_lr=1 once trained in full
+                raise UserError(f"find_lr must be True or False, not {find!r}.")
             cfg = make_config(kv.pop("preset", "auto"), **kv)
-            if find is True:
+            if find:
                 return _find_lr_command(cfg)
             run = prepare(cfg, started=clock.process_started())  # the command's start
             for row in epochs(run):  # one line per epoch on stdout; the progress bar is on stderr
