@@ -206,7 +206,8 @@ def test_a_budgeted_run_plans_trains_records_and_resumes(tmp_path, monkeypatch, 
     assert run.cfg.plan["budget"]["stages"] == planned["stages"]  # the plan kept
     list(train.epochs(run))
     done = checkpoints.read_json(run.dir / "config.json")["plan"]["budget"]
-    assert done["actual_minutes"] * 60 > spent and len(done["replans"]) == 1  # re-planned at the second stage
+    assert done["actual_minutes"] * 60 > spent and done["replans"][0]["at_stage"] == 1  # re-planned at the second stage
+    assert all("at_step" in r for r in done["replans"][1:])  # and fitted again inside it, at its epoch boundaries
     assert "took" in capsys.readouterr().out
     row = runs.table(str(tmp_path / "ckpt")).set_index("run").loc["budget"]
     assert row["budget_min"] == 0.6 and row["planned_min"] > 0 and row["actual_min"] == done["actual_minutes"]
@@ -254,7 +255,7 @@ def test_a_replan_scales_the_probe_by_the_pace_the_run_measured_and_does_not_pro
     run = planned(tmp_path, "pace", monkeypatch)
     plan = budget.BudgetPlan(**run.cfg.plan["budget"])
     monkeypatch.setattr(trial, "probe", lambda *a, **k: pytest.fail("probed again"))
-    run.pace[0] = (0.267 * 50, 50, 1.0)  # 50 steps of the head at 0.267 s, validations of 1 s
+    run.pace[0] = (0.267 * 50, 50, 1.0, 1)  # 50 steps of the head at 0.267 s, one validation of 1 s
     costs, basis = preparing._costs_now(run, plan, 1)
     assert costs[0].step_s == pytest.approx(0.3 * 0.89) and costs[0].val_s == pytest.approx(0.5 * 2)
     assert basis == "the pace measured: 0.89x the probe's"
@@ -381,3 +382,37 @@ def test_a_budgeted_runs_curves_count_the_epochs_of_data_it_saw(tmp_path, monkey
     val = next(line for line in fig.axes[0].get_lines() if line.get_label() == "validation loss")
     star = next(line for line in fig.axes[0].get_lines() if line.get_label().startswith("best.pt"))
     assert len(val.get_xdata()) == 3 and star.get_xdata()[0] == rows[best["metrics"]["epoch"] - 1]["data_epochs"]
+
+
+def test_the_last_stage_is_fitted_again_at_its_epoch_boundaries_at_its_own_pace():
+    """A 10-minute plan whose last stage runs slower than planned: after its first epoch (100
+    steps at 0.6 s, not the 0.5 planned) it gets what the time left allows at 0.6 s, and ends at
+    an epoch boundary where the steps past it would not pay for their row."""
+    plan = budget.make_plan(COSTS, 100, budget_s=600, spent_s=30, save_s=1)
+    measured = StageCost("all", 2, 88, step_s=0.6, val_s=3.0)
+    spent = 30 + plan.stages[0]["predicted_s"] + 100 * 0.6 + 3 + 1
+    again = budget.refit_last(plan, 100, measured, spent)
+    more = again.stages[1]["steps"] - 100
+    left = 600 - spent - 1
+    assert more * 0.6 + -(-more // 100) * 4 <= left < (more + 2) * 0.6 + -(-(more + 2) // 100) * 4
+    assert again.stages[0] == plan.stages[0] and again.replans[-1]["at_step"] == 100
+    tight = budget.refit_last(plan, 100, StageCost("all", 2, 88, step_s=0.6, val_s=30.0), 600 - 1 - 35)
+    assert tight.stages[1]["steps"] == 100  # 1 step of 0.6 s would bring a 30-s row: the stage ends here
+
+
+def test_a_schedule_resized_under_way_goes_on_from_where_it_stood(tmp_path):
+    from cifarlib.training import optimizer
+    cfg, stage = make_config("cpu"), make_config("cpu").stages[1]
+    net = torch.nn.Linear(2, 2)
+    opt = optimizer.make_optimizer(cfg, [{"params": list(net.parameters()), "lr": 1e-3, "name": g} for g in ["x"]],
+                                   fused=False)
+    opt.param_groups[0]["lr"] = 1e-3
+    stage = config.Stage("all", 1, ("head",), (1e-2,), warmup=0.1)
+    sched = optimizer.make_schedule(cfg, opt, stage, 1000)
+    for _ in range(300):
+        opt.step()
+        sched.step()
+    before = opt.param_groups[0]["lr"]
+    longer = optimizer.resize_schedule(cfg, opt, stage, sched, 1200)
+    assert longer.last_epoch == 300 and longer.total_steps == 1200
+    assert before < opt.param_groups[0]["lr"] <= 1e-2  # later in a longer anneal: a little higher, no jump to the start

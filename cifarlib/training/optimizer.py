@@ -50,6 +50,17 @@ def layout(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
+def resize_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, old, steps: int):
+    """The stage's one-cycle schedule over `steps` optimizer steps instead, from where `old` stands:
+    a budget that re-plans a stage under way (its warm-up is over by then: its rate follows the
+    anneal of the new length from the same point)."""
+    new = make_schedule(cfg, opt, stage, steps)
+    done = min(old.last_epoch, new.total_steps - 1)
+    new.last_epoch = done - 1
+    new.step()  # the rate for step `done` of the new length
+    return new
+
+
 def expected(p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]):
     """Where a fresh optimizer of `group`'s plan keeps state `key` of parameter `p`: its device,
     dtype and memory order (`layout`; None: any). For torch's AdamW and SGD (2.4 to 2.14), and

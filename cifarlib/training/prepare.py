@@ -207,6 +207,24 @@ def replan(run: Run, si: int) -> Config:
     return cfg
 
 
+def refit(run: Run) -> Config:
+    """The last stage, at one of its epoch boundaries, made as long as the time left allows at
+    the pace measured in it (`budget.refit_last`). Rank 0 decides."""
+    si, plan = run.at.stage, budget.BudgetPlan(**run.cfg.plan["budget"])
+    train_s, steps, val_s, rows = run.pace[si]
+    stage = run.cfg.stages[si]
+    cost = budget.StageCost(stage.name, stage.share, plan.stages[si]["image_size"], train_s / steps, val_s / rows)
+    done = run.at.epoch * plan.steps_per_epoch
+    outcome = budget.refit_last(plan, done, cost, time.monotonic() - run.started) if runtime.is_main_process() else None
+    outcome = runtime.broadcast_object(outcome)
+    cfg = _with_budget(run.cfg, outcome)
+    if runtime.is_main_process():
+        print(f"re-planned inside stage {stage.name!r} (its own pace): {budget.describe(outcome)}", flush=True)
+        if run.dir is not None:
+            _record_config(cfg, run.dir / "config.json", resumed=True)
+    return cfg
+
+
 def _costs_now(run: Run, plan: budget.BudgetPlan, si: int) -> tuple[list[budget.StageCost], str]:
     """What stages `si` on will cost, and on what it rests. Where this process has trained the
     stage before, its pace as measured against the probe's for that stage scales the probe's
@@ -217,10 +235,10 @@ def _costs_now(run: Run, plan: budget.BudgetPlan, si: int) -> tuple[list[budget.
     stages = run.cfg.stages[si:]
     probed = plan.stages[si:]
     if si and si - 1 in run.pace:
-        train_s, steps, val_s = run.pace[si - 1]
+        train_s, steps, val_s, rows = run.pace[si - 1]
         before = plan.stages[si - 1]
         step_k = (train_s / max(steps, 1)) / max(before["step_s"], 1e-9)
-        val_k = val_s / max(before["val_s"], 1e-9) if before["val_s"] > 0 else step_k
+        val_k = (val_s / rows) / max(before["val_s"], 1e-9) if before["val_s"] > 0 else step_k
         return [budget.StageCost(st.name, st.share, p["image_size"], p["step_s"] * step_k, p["val_s"] * val_k)
                 for st, p in zip(stages, probed)], f"the pace measured: {step_k:.2f}x the probe's"
     if si:

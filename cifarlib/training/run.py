@@ -108,8 +108,8 @@ class Run:
     memory_checked: bool = False
     started: float = field(default_factory=time.monotonic)  # the run's clock (monotonic), less time spent before a resume
     planned_at: float | None = None       # when a budget's plan was last made (prepare, at a stage's start)
-    pace: dict[int, tuple[float, int, float]] = field(default_factory=dict)  # per stage, what this process
-    # measured of it: training seconds, optimizer steps, validation seconds (train._end_epoch)
+    pace: dict[int, tuple[float, int, float, int]] = field(default_factory=dict)  # per stage, what this
+    # process measured of it: training seconds, optimizer steps, validation seconds, rows (train._end_epoch)
 
     @property
     def device(self) -> torch.device:

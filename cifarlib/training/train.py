@@ -59,8 +59,8 @@ from .config import (AUTO_BUDGET_MINUTES, PRESETS, Config, make_config, parse_va
                      stage_steps)
 from .loop import (apply_stage, epoch_end, stage_model, steps_per_epoch, train_epoch, train_loader,  # noqa: F401
                    train_mode, train_steps, validate)
-from .optimizer import load_optimizer_state, load_scaler_state, make_optimizer, make_schedule  # noqa: F401
-from .prepare import prepare, record_actual_time, replan
+from .optimizer import load_optimizer_state, load_scaler_state, make_optimizer, make_schedule, resize_schedule  # noqa: F401
+from .prepare import prepare, record_actual_time, refit, replan
 from .run import Position, Progress, Run, StageRun
 from .stopping import Patience
 from .trial import find_lr  # noqa: F401  (train.find_lr(run, stage=None))
@@ -96,8 +96,31 @@ def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
     if run.stage is None or run.stage.index != run.at.stage:
         run.stage = _start_stage(run)
     while run.stage.index == run.at.stage:
-        yield _epoch(run, stop)
+        row = _epoch(run, stop)
+        if _refits(run):
+            _refit_stage(run)
+        yield row
 
+
+def _refits(run: Run) -> bool:
+    """Whether a budgeted run fits its last stage again at this epoch boundary inside it: where
+    this process has measured that stage's pace (see `prepare.refit`)."""
+    si = run.at.stage
+    return ("budget" in (run.cfg.plan or {}) and run.stage.index == si == len(run.cfg.stages) - 1
+            and si in run.pace and run.at.epoch > 0)
+
+
+def _refit_stage(run: Run) -> None:
+    """The last stage's length planned again under way: its schedule resized from where it stands,
+    and the stage ended here where no further epoch's row pays."""
+    run.cfg = refit(run)
+    st, spe = run.stage, steps_per_epoch(run)
+    st.stage = run.cfg.stages[st.index]
+    steps = stage_steps(st.stage, spe)
+    if steps <= run.at.epoch * spe:
+        run.at = Progress(st.index + 1, 0)
+    else:
+        st.sched = resize_schedule(run.cfg, st.opt, st.stage, st.sched, steps)
 
 def _start_stage(run: Run) -> StageRun:
     """A stage's layers made trainable, at its image size, with a fresh optimizer and one-cycle
@@ -210,8 +233,8 @@ def _end_epoch(run: Run, pos: Position, start: float, began: tuple[int, float]) 
 def _keep_pace(run: Run, stage: int, steps: int, train_s: float, val_s: float) -> None:
     """Add an epoch's optimizer steps, training seconds and validation seconds, as this process
     measured them, to its stage's (what a budget's next plan scales the probe by)."""
-    t, n, v = run.pace.get(stage, (0.0, 0, 0.0))
-    run.pace[stage] = (t + train_s, n + steps, v + val_s)
+    t, n, v, rows = run.pace.get(stage, (0.0, 0, 0.0, 0))
+    run.pace[stage] = (t + train_s, n + steps, v + val_s, rows + 1)
 
 
 def _next(at: Progress, stage_epochs: int, stopped: bool, stop_ends_run: bool, stages: int) -> Progress:
