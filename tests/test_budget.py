@@ -247,18 +247,23 @@ def planned(tmp_path, name, monkeypatch, **kw):
                               patience=100, **kw))
 
 
-def test_a_replan_scales_the_probe_by_the_pace_the_run_measured_and_does_not_probe_again(tmp_path, monkeypatch):
-    """The head stage ran at 0.89 of its probed step time: the full stage is planned at 0.89 of
-    its probe's too (the pace measured: a 10-minute run's probe timed 0.676 s a step, and the
-    stage then ran at 0.60)."""
+def test_a_replan_takes_the_measured_pace_for_what_has_run_and_the_probe_for_what_has_not(tmp_path, monkeypatch):
+    """Three stages, the second like the first (the head alone, 64 px), the third not (every layer,
+    88 px): after the first ran at 0.89 of its probed step time, the second is planned at 0.89 of
+    its probe's, the third at its probe's own (a pace measured on the head did not hold for the
+    full stage on the real photos), and nothing is probed again."""
     from cifarlib.training import prepare as preparing
-    run = planned(tmp_path, "pace", monkeypatch)
+    stages = json.dumps([{"name": "head", "share": 1, "groups": ["head"], "lr": [1e-3], "image_size": 64},
+                         {"name": "head2", "share": 1, "groups": ["head"], "lr": [1e-3], "image_size": 64},
+                         {"name": "all", "share": 2, "groups": list(config.GROUPS), "lr": [1e-3] * 6}])
+    run = planned(tmp_path, "pace", monkeypatch, stages=stages, image_size=88)
     plan = budget.BudgetPlan(**run.cfg.plan["budget"])
     monkeypatch.setattr(trial, "probe", lambda *a, **k: pytest.fail("probed again"))
     run.pace[0] = (0.267 * 50, 50, 1.0, 1)  # 50 steps of the head at 0.267 s, one validation of 1 s
     costs, basis = preparing._costs_now(run, plan, 1)
     assert costs[0].step_s == pytest.approx(0.3 * 0.89) and costs[0].val_s == pytest.approx(0.5 * 2)
-    assert basis == "the pace measured: 0.89x the probe's"
+    assert costs[1].step_s == pytest.approx(0.3) and costs[1].val_s == pytest.approx(0.5)
+    assert basis == "the probe's, after the time spent (stage 'head' ran at 0.89x its probe)"
     run.cfg = preparing.replan(run, 1)
     assert run.cfg.plan["budget"]["replans"][-1]["basis"] == basis
 

@@ -20,12 +20,31 @@ from PIL import Image, ImageOps
 from ..core.errors import UserError
 
 CIFAR_SIZE = 32
-MAX_PIXELS = 50_000_000  # larger pictures are refused before decoding (decompression bombs)
+# What a picture may cost, known from its header before anything is decoded. A JPEG decodes at a
+# reduced scale (libjpeg's DCT scaling, 1/2 to 1/8), so it may be large; a progressive JPEG holds
+# all its coefficients while it decodes, and every other format decodes at full size, so they are
+# held to fewer pixels. Measured on the hostile pictures of benchmarks/bench_pictures.py: each
+# accepted one costs under 150 MB more than a small photo at its peak and under 1 s of CPU on the
+# 2-core VM (benchmarks/README.md).
+MAX_PIXELS = 24_000_000           # any format that decodes at full size (PNG, WebP, GIF, BMP, TIFF, ...)
+MAX_JPEG_PIXELS = 80_000_000      # a baseline JPEG, decoded at a reduced scale
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what the web app accepts, from the content
+NEVER = ("EPS",)                  # run an external program (Ghostscript): not opened anywhere
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that makes it upright
+
+
+def _formats(formats: tuple[str, ...] | None) -> list[str]:
+    """The Pillow formats `Image.open` may try: `formats`, or every one Pillow decodes by itself."""
+    Image.init()
+    return [f for f in (formats or Image.OPEN) if f not in NEVER]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit and float grayscale rescaled, transparency (alpha, a
-    palette's or a tRNS chunk's) composited on white. EXIF rotation is `decode`'s job."""
+    palette's or a tRNS chunk's) composited on white. EXIF rotation is `decode`'s job. Meant for
+    a picture already reduced: the float arithmetic here is on its few pixels."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale: rescale
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -43,14 +62,47 @@ def to_rgb(img: Image.Image) -> Image.Image:
 Picture = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 
-def decode(image: Picture, min_side: int) -> Image.Image:
+def _check_size(image: Image.Image) -> None:
+    """Refuse, from the header, a picture whose decoding would cost too much (see MAX_PIXELS)."""
+    pixels = image.width * image.height
+    jpeg = image.format in ("JPEG", "MPO") and not image.info.get("progressive") and not image.info.get("progression")
+    limit = MAX_JPEG_PIXELS if jpeg else MAX_PIXELS
+    if pixels > limit:
+        kind = "a JPEG" if jpeg else f"a {'progressive JPEG' if image.format in ('JPEG', 'MPO') else image.format or 'picture'}"
+        raise UserError(f"the image is {image.width}x{image.height} pixels; {kind} may have at most {limit:,} here "
+                        "(a guard against pictures that cost seconds and gigabytes to decode): resize it first.")
+
+
+def _reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """The picture decoded and made small in its own mode, before any conversion: a JPEG at the
+    scale libjpeg decodes down to (`draft`), then any format by an integer factor that keeps its
+    shorter side at least `min_side` (`reduce`, a box filter; `fit` antialiases the rest). Modes
+    that `reduce` does not take are first made compact: 16-bit grayscale to 8-bit (a shift, not a
+    float copy of the full picture), bilevel to grayscale, a palette to RGB(A)."""
+    image.draft(None, (min_side, min_side))  # JPEG only (a no-op for other formats)
+    if image.mode.startswith("I;16"):
+        a = np.asarray(image)
+        a = np.right_shift(a, 8, out=a if a.flags.writeable else None)
+        image = Image.fromarray(a.astype(np.uint8), "L")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+    factor = max(1, min(image.size) // max(min_side, 1))
+    return image.reduce(factor) if factor > 1 else image
+
+
+def decode(image: Picture, min_side: int, formats: tuple[str, ...] | None = None) -> Image.Image:
     """Any picture -> an upright 8-bit RGB PIL image, decoded once: the first half of the rule for
-    user pictures (EXIF rotation, any mode to RGB, transparency on white).
+    user pictures (EXIF rotation, any mode to RGB, transparency on white), its cost bounded before
+    it is paid.
 
     Accepts a path, encoded bytes, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4); float
-    arrays are taken as 0..1. A JPEG file is decoded at a reduced scale where both sides stay at
-    least `min_side` (`Image.draft`, libjpeg's DCT scaling): a 12-megapixel photo decodes about
-    16x faster at 1/4 scale. Anything that is not a usable picture raises `UserError`.
+    arrays are taken as 0..1. Encoded pictures are opened only as `formats` (by content, not by
+    name; None: any format Pillow decodes by itself, EPS never: it runs Ghostscript), refused from
+    their header past `MAX_PIXELS` (`MAX_JPEG_PIXELS` for a baseline JPEG), and decoded small
+    where they allow (`_reduced`): at least `min_side` pixels on the shorter side. Anything that is
+    not a usable picture raises `UserError`.
     """
     try:
         if isinstance(image, np.ndarray):
@@ -60,18 +112,22 @@ def decode(image: Picture, min_side: int) -> Image.Image:
         elif isinstance(image, (bytes, bytearray, memoryview)):
             if len(image) == 0:
                 raise UserError("the file is empty: not a usable image.")
-            image = Image.open(io.BytesIO(bytes(image)))
+            image = Image.open(io.BytesIO(bytes(image)), formats=_formats(formats))
         elif isinstance(image, (str, Path, os.PathLike)):
-            image = Image.open(image)
-        if image.width * image.height > MAX_PIXELS:  # known from the header, before decoding
-            raise UserError(f"the image is {image.width}x{image.height} pixels, above the limit of "
-                            f"{MAX_PIXELS:,} (a guard against decompression bombs); resize it first.")
-        image.draft(None, (min_side, min_side))  # JPEG only (a no-op for other formats)
-        return to_rgb(ImageOps.exif_transpose(image))
+            image = Image.open(image, formats=_formats(formats))
+        _check_size(image)
+        orientation = image.getexif().get(0x0112)  # from the header: the reduced picture has no EXIF
+        small = _reduced(image, min_side)
+        if orientation in _TRANSPOSE:
+            small = small.transpose(_TRANSPOSE[orientation])
+        return to_rgb(small)
     except (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         # PIL reports damaged files as OSError (UnidentifiedImageError too), SyntaxError ("broken
         # PNG file"), ValueError or EOFError; an unknown format's message would name a BytesIO object
-        why = "no image format recognised" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        if isinstance(e, Image.UnidentifiedImageError):
+            why = "no image format recognised" if formats is None else f"not one of {', '.join(formats)}"
+        else:
+            why = f"{type(e).__name__}: {e}"
         raise UserError(f"not a usable image ({why}).") from None
 
 
@@ -82,7 +138,7 @@ def fit(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(small, dtype=np.uint8).copy()
 
 
-def cifar_like(image: Picture, size: int = CIFAR_SIZE) -> np.ndarray:
+def cifar_like(image: Picture, size: int = CIFAR_SIZE, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """Any picture -> uint8 (size, size, 3), as `cifarlib.data.preprocess.cifar_like` (which gives it
     as a (3, size, size) tensor)."""
-    return fit(decode(image, 2 * size), size)
+    return fit(decode(image, 2 * size, formats), size)

@@ -26,6 +26,7 @@ ttach, and runs its own forward pass, so the prediction would need a second one.
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import numpy as np
@@ -76,6 +77,20 @@ def _find_layer(model: nn.Module, image_size: int) -> str:
     return name
 
 
+def _class_numbers(class_index, pictures: int, classes: int) -> list[int]:
+    """`class_index` as one class number per picture: any integer-like value (a numpy integer from
+    an `argmax` included), for all, or a sequence of them, one per picture."""
+    try:
+        index = [operator.index(class_index)] * pictures if not hasattr(class_index, "__len__") else \
+            [operator.index(i) for i in class_index]
+    except TypeError:
+        index = []
+    if len(index) != pictures or not all(0 <= i < classes for i in index):
+        raise UserError(f"class_index must be a class number from 0 to {classes - 1} (or one per picture), "
+                        f"not {class_index!r}.")
+    return index
+
+
 def gradcam(model: nn.Module, images: torch.Tensor, image_size: int, mean, std,
             class_index: int | list[int] | None = None, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, 3, h, w) on the model's device -> (logits (B, classes), maps (B, h, w) in [0, 1]),
@@ -86,14 +101,8 @@ def gradcam(model: nn.Module, images: torch.Tensor, image_size: int, mean, std,
     x = evaluation_inputs(images, image_size, mean, std).requires_grad_()  # a graph even if weights are frozen
     with torch.enable_grad(), GradCAM(model, layer or target_layer(model, image_size)) as cam:
         scores = model(x).float()
-        if class_index is None:
-            index = scores.argmax(1).tolist()
-        else:
-            index = [class_index] * len(x) if isinstance(class_index, int) else list(class_index)
-            if len(index) != len(x) or not all(0 <= int(i) < scores.shape[1] for i in index):
-                raise UserError(f"class_index must be a class number from 0 to {scores.shape[1] - 1} "
-                                f"(or one per picture), not {class_index!r}.")
-        (maps,) = cam([int(i) for i in index], scores)
+        index = scores.argmax(1).tolist() if class_index is None else _class_numbers(class_index, len(x), scores.shape[1])
+        (maps,) = cam(index, scores)
     maps = F.interpolate(maps.unsqueeze(1).float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
     return scores.detach(), maps.squeeze(1).clamp(0, 1).nan_to_num(0)
 

@@ -21,12 +21,13 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import UserError
-from ..data.pictures import decode, fit
+from ..data.pictures import UPLOAD_FORMATS, decode, fit
 from ..evaluation.heatmap import overlay
 from .prediction import Prediction
 
-ACCEPT = ".jpg,.jpeg,.png,.webp"
+ACCEPT = ".jpg,.jpeg,.png,.webp,.gif,.bmp"  # the browser's filter; the server checks the content (UPLOAD_FORMATS)
 MAX_BYTES = 20_000_000  # larger files are refused on their size, before any decoding
+MAX_FILES = 16  # files read from one upload: each costs at most about 1 s of a core (pictures.MAX_PIXELS)
 THUMBNAIL = 160  # the longer side of the picture as shown
 
 
@@ -62,7 +63,7 @@ def views(content, size: int) -> tuple[Image.Image, np.ndarray]:
     `THUMBNAIL`), so that a large JPEG decodes fast and its thumbnail is still sharp), and from that
     one decode: the thumbnail shown, and the uint8 (size, size, 3) image the model sees (made
     CIFAR-like, at the checkpoint's stored size)."""
-    picture = decode(content, max(2 * size, THUMBNAIL))
+    picture = decode(content, max(2 * size, THUMBNAIL), formats=UPLOAD_FORMATS)
     seen = fit(picture, size)
     picture.thumbnail((THUMBNAIL, THUMBNAIL))
     return picture, seen
@@ -81,16 +82,22 @@ class UploadApp:
         self.upload = widgets.FileUpload(accept=ACCEPT, multiple=True, description="Pictures")
         self.results = widgets.VBox()
         self.upload.observe(self._on_upload, names="value")
-        self.widget = widgets.VBox([widgets.HTML(f"Upload one or more pictures ({ACCEPT}), "
-                                                 f"up to {MAX_BYTES // 1_000_000} MB each."), self.upload, self.results])
+        self.widget = widgets.VBox([widgets.HTML(f"Upload up to {MAX_FILES} pictures at a time (JPEG, PNG, WebP, "
+                                                 f"GIF or BMP), up to {MAX_BYTES // 1_000_000} MB each."),
+                                    self.upload, self.results])
 
     def _on_upload(self, change) -> None:
         files = change["new"]
         if not files:
             return
         try:
-            self.results.children = [widgets.HTML(f"<i>Reading {len(files)} file(s)...</i>")]
-            self.results.children = [self.show_file(f["name"], f["content"]) for f in files]
+            read = files[:MAX_FILES]  # the work one message may ask for is bounded too
+            self.results.children = [widgets.HTML(f"<i>Reading {len(read)} file(s)...</i>")]
+            shown = [self.show_file(f["name"], f["content"]) for f in read]
+            if len(files) > MAX_FILES:
+                shown.append(self._message(f"<b>{len(files) - MAX_FILES} more file(s)</b>",
+                                           f"not read: at most {MAX_FILES} pictures at a time; upload the rest after."))
+            self.results.children = shown
         finally:
             self.upload.value = ()  # don't keep the uploaded bytes
 

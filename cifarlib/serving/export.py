@@ -14,7 +14,9 @@ the stored size and the centre cropped (the README's "Export and deploy" does it
 of PIL). The sidecar holds `classes`, `store_size`, `layout` ("NHWC"), `dtype` ("uint8"),
 `backbone`, `version` (cifarlib's), `val_acc` (the checkpoint's), `superclasses` and
 `fine_to_coarse` (CIFAR-100's, to name a prediction's superclass; null for other datasets), and
-`image_size`, `input` and `outputs` for the curious.
+`image_size`, `input` and `outputs` for the curious, and `sha256`, the model file's own hash: the
+two files are written one after the other, so a page checks that they belong together
+(`OnnxPredictor.from_export` refuses a model whose hash is not its sidecar's).
 
 `--cams` adds a second output, `cams` (batch, classes, h, w): for every class, the last feature
 map's channels weighted by that class's row of the classifier (class activation maps, Zhou et
@@ -26,13 +28,14 @@ stored size is `Predictor.explain`'s map for class c, computed without PyTorch o
 The export uses torch's dynamo exporter (TorchScript is deprecated in this torch), offline, and
 keeps the weights inside the one file (`external_data=False`). Before the file takes its name,
 onnxruntime runs it on 7 seeded random pictures and its logits must agree with PyTorch's
-(`cifarlib.model.inference.logits`) to 1e-3 with the same top class; a failed export leaves any earlier
-file in place.
+(`cifarlib.model.inference.logits`) to 1e-3 with the same top class, and its cams with PyTorch's to
+1e-3 of their range; a failed export leaves any earlier file in place, and says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -85,6 +88,25 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     raise UserError(f"--cams works for ResNets and timm models, not {type(model).__name__}; export without it.")
 
 
+def _check_head(model: nn.Module, ckpt: dict, size: int) -> None:
+    """Refuse --cams for a model whose head is not global average pooling and one linear layer
+    over a (B, C, h, w) feature map: its maps would not be Grad-CAM's, or not maps at all (a ViT's
+    tokens; MobileNetV3's head has a convolution after the pooling)."""
+    refuse = UserError(f"--cams needs a head of global average pooling and one linear layer over a spatial feature "
+                       f"map, and {ckpt['backbone']}'s is not; export without it.")
+    noise = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features, scores = features_and_logits(model, evaluation_inputs(noise, ckpt["image_size"], ckpt["mean"], ckpt["std"]))
+        if features.dim() != 4:
+            raise refuse
+        try:
+            pooled = classifier(model)(features.mean((2, 3)))
+        except (RuntimeError, ValueError, IndexError):  # the classifier does not take the pooled channels
+            raise refuse from None
+        if pooled.shape != scores.shape or not torch.allclose(pooled, scores, atol=1e-4):
+            raise refuse
+
+
 def require() -> None:
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
@@ -105,7 +127,8 @@ def _writable(out: Path) -> None:
 
 
 def _check(onnx_bytes: bytes, model: nn.Module, ckpt: dict, cams: bool) -> float:
-    """onnxruntime against PyTorch on 7 seeded random pictures; the largest logit difference."""
+    """onnxruntime against PyTorch on 7 seeded random pictures: the logits, and the cams where
+    exported; the largest logit difference. A disagreement is a UserError: nothing is written."""
     import onnxruntime as ort
     from ..model.inference import logits
 
@@ -113,11 +136,19 @@ def _check(onnx_bytes: bytes, model: nn.Module, ckpt: dict, cams: bool) -> float
     images = torch.randint(0, 256, (7, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     expected = logits(model, images, ckpt["image_size"], ckpt["mean"], ckpt["std"])
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"images": images.permute(0, 2, 3, 1).numpy()})[0])
+    outputs = session.run(None, {"images": images.permute(0, 2, 3, 1).numpy()})
+    got = torch.from_numpy(outputs[0])
     diff = (got - expected).abs().max().item()
-    if diff > TOLERANCE or not torch.equal(got.argmax(1), expected.argmax(1)):
-        raise RuntimeError(f"the exported model disagrees with PyTorch (largest logit difference {diff:.2e}); "
-                           "nothing was written. Please report this with the checkpoint's backbone.")
+    wrong = diff > TOLERANCE or not torch.equal(got.argmax(1), expected.argmax(1))
+    what = f"largest logit difference {diff:.2e}"
+    if cams and not wrong:
+        with torch.no_grad():
+            want = Deployed(model, ckpt["image_size"], ckpt["mean"], ckpt["std"], cams=True)(images.permute(0, 2, 3, 1))[1]
+        cam_diff = (torch.from_numpy(outputs[1]) - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+        wrong, what = cam_diff > TOLERANCE, f"the cams differ by {cam_diff:.2e} of their range"
+    if wrong:
+        raise UserError(f"the exported model disagrees with PyTorch ({what}); nothing was written. Please report "
+                        "this with the checkpoint's backbone.")
     return diff
 
 
@@ -140,12 +171,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
     wrapped = Deployed(model, ckpt["image_size"], ckpt["mean"], ckpt["std"], cams).eval()
     outputs = ["logits", "cams"] if cams else ["logits"]
     if cams:  # the maps are Grad-CAM's only for a head of average pooling and one linear layer
-        noise = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            features, scores = features_and_logits(model, evaluation_inputs(noise, ckpt["image_size"], ckpt["mean"], ckpt["std"]))
-            if not torch.allclose(classifier(model)(features.mean((2, 3))), scores, atol=1e-4):
-                raise UserError(f"--cams needs a head of global average pooling and one linear layer, and "
-                                f"{ckpt['backbone']}'s is not; export without it.")
+        _check_head(model, ckpt, size)
     with torch.no_grad():
         program = torch.onnx.export(wrapped, (sample,), dynamo=True, external_data=False, input_names=["images"],
                                     output_names=outputs, dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
@@ -158,6 +184,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
     val_acc = (ckpt.get("metrics") or {}).get("val_acc")
     checkpoints.write_json({"classes": list(ckpt["classes"]), "store_size": size, "layout": "NHWC", "dtype": "uint8",
                             "backbone": ckpt["backbone"], "version": __version__, "val_acc": val_acc,
+                            "sha256": hashlib.sha256(data).hexdigest(),
                             "superclasses": list(ckpt["superclasses"] or []) or None,
                             "fine_to_coarse": [int(c) for c in ckpt["fine_to_coarse"]] if ckpt["superclasses"] else None,
                             "image_size": ckpt["image_size"], "input": "images", "outputs": outputs}, sidecar)

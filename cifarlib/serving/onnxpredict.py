@@ -22,6 +22,7 @@ idle page compete with the one that is answering.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class OnnxPredictor:
                             "with python -m cifarlib.export CHECKPOINT --cams.") from None
         if not path.is_file():
             raise UserError(f"{path} does not exist: export the checkpoint with python -m cifarlib.export CHECKPOINT --cams.")
+        if meta.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
+            raise UserError(f"{path} is not the model its sidecar {sidecar.name} describes (their hashes differ: one of "
+                            "them was written by another export, or the export was cut short): export the checkpoint "
+                            "again with python -m cifarlib.export CHECKPOINT --cams.")
         return cls(path, meta, threads)
 
     def _run(self, images, top_k: int) -> tuple[bool, list[Prediction], list[np.ndarray] | None]:

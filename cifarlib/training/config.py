@@ -265,7 +265,8 @@ def make_config(preset: str = "original", **overrides) -> Config:
     stages = tuple(dataclasses.replace(st, groups=tuple(st.groups), lr=tuple(lr * scale for lr in st.lr)) for st in stages)
     _check_stages(stages)
     cfg = Config(preset=preset, given=given, **values)
-    epochs = scale_epochs([s.share for s in stages], cfg.epochs)
+    total = max(cfg.epochs, len(stages)) if cfg.budget_minutes else cfg.epochs  # a budget plans them in any case
+    epochs = scale_epochs([s.share for s in stages], total)
     return dataclasses.replace(cfg, stages=tuple(dataclasses.replace(s, epochs=e) for s, e in zip(stages, epochs)))
 
 
