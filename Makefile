@@ -112,7 +112,11 @@ train: $(STAMP)
 # make app             notebook 05 as a web page (Voila) at http://HOST:PORT/, stopped with Ctrl-C
 # make app CHECKPOINT=checkpoints/RUN/best.pt HOST=0.0.0.0 PORT=8000
 # make app MAX_VISITORS=8 POOL=2 CULL_IDLE=60   pages at once (empty: what the memory holds), preheated
-#                      pages, and the seconds a page's kernel outlives its page once the page is gone
+#                      pages, and the seconds a page's kernel outlives its connection once it is gone
+# make app HOST=0.0.0.0 ALLOWED_HOSTS=192.168.1.5,myhost.local   the names visitors type, which the app
+#                      must answer to (it answers 127.0.0.1, localhost and HOST only: DNS rebinding)
+# make app PER_CLIENT=4  pages one address may hold (loopback apart; 0: no limit; a classroom behind
+#                      one router shares one address)
 #                      (APP_ARGS: more options of python -m cifarlib.serve, such as --torch)
 # make app-screenshot CHECKPOINT=checkpoints/RUN/best.pt  docs/app.png (at most SCREENSHOT_MAX bytes), from the
 #                      browser test's runs/app.png of that model predicting photos of its own validation split
@@ -122,13 +126,16 @@ CHECKPOINT ?=
 MAX_VISITORS ?=
 POOL ?= 2
 CULL_IDLE ?= 60
+ALLOWED_HOSTS ?=
+PER_CLIENT ?= 4
 APP_ARGS ?=
 SCREENSHOT_MAX := 204800
 .PHONY: app app-screenshot
 
 app: $(STAMP)
 	$(BIN)/python -m cifarlib.serve --host '$(HOST)' --port '$(PORT)' --checkpoint '$(CHECKPOINT)' \
-		--max-visitors '$(or $(MAX_VISITORS),0)' --pool '$(POOL)' --cull-idle '$(CULL_IDLE)' $(APP_ARGS)
+		--max-visitors '$(or $(MAX_VISITORS),0)' --pool '$(POOL)' --cull-idle '$(CULL_IDLE)' \
+		--allowed-hosts '$(ALLOWED_HOSTS)' --per-client '$(PER_CLIENT)' $(APP_ARGS)
 
 app-screenshot: $(STAMP)
 	@test -n "$(CHECKPOINT)" || { echo "usage: make app-screenshot CHECKPOINT=checkpoints/RUN/best.pt (the README's: checkpoints/cifar10-lite0/best.pt)"; exit 2; }

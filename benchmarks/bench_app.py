@@ -1,7 +1,7 @@
 """The web app under load: `make app` on a checkpoint, and N visitors in headless Chromium.
 
     python benchmarks/bench_app.py CHECKPOINT --visitors 8 [--one-by-one] [--max-visitors N] [--pool 2]
-                                   [--wait-after 120] [--leave close|unload] [--torch] [--out FILE]
+                                   [--wait-after 120] [--leave close|unload] [--torch] [--hostile K] [--out FILE]
 
 Starts `make app CHECKPOINT=... PORT=... MAX_VISITORS=... POOL=...` (the whole path a user takes:
 the check, the export, Voilà), waits until its pool is warm and the server quiet, then sends the
@@ -12,7 +12,10 @@ of ../shared/samples/cifar100 by default, one each, in turn), waits for its answ
 `--leave close` (the default) closes the tab without running `beforeunload`, as a crashed tab,
 a shut laptop or a lost network do, so that only the culler can end its kernel; `--leave unload`
 runs it first, as a desktop browser closing a tab does (Voilà's page then asks the server to end
-the kernel). A visitor past the limit gets the busy page (HTTP 503).
+the kernel). A visitor past the limit gets the busy page (HTTP 503). `--hostile K`: visitor K
+uploads, in one message, the two pictures that once took a page's kernel 1.25 GB and 4 s, and
+0.96 GB and 2.3 s, to decode (tests/hostile_pictures.py: a 16-bit and a transparent PNG of
+7000 x 7000, 95 and 190 kB), and waits for both answers.
 
 Reported, as one JSON line: for each visitor the seconds from its arrival until the upload button
 showed and until its answer (or the busy page, or the error); the app's memory (the server and its
@@ -138,11 +141,12 @@ class App:
             os.killpg(self.make.pid, signal.SIGKILL)
 
 
-async def visit(browser, url: str, photo: Path, i: int, t_start: float, leave: str) -> dict:
+async def visit(browser, url: str, photo: Path | list[Path], i: int, t_start: float, leave: str) -> dict:
+    files = photo if isinstance(photo, list) else [photo]
     context = await browser.new_context(viewport={"width": 1000, "height": 720})
     page = await context.new_page()
     t0 = time.monotonic()
-    rec = {"visitor": i + 1, "arrived_s": round(t0 - t_start, 1), "photo": photo.name}
+    rec = {"visitor": i + 1, "arrived_s": round(t0 - t_start, 1), "photo": ", ".join(f.name for f in files)}
     try:
         response = await page.goto(url, timeout=TIMEOUT_S * 1000)
         if response.status == 503:
@@ -153,11 +157,14 @@ async def visit(browser, url: str, photo: Path, i: int, t_start: float, leave: s
         rec["button_s"] = round(time.monotonic() - t0, 2)
         async with page.expect_file_chooser() as chooser:
             await button.click()
-        await (await chooser.value).set_files(str(photo))
-        block = page.locator(".cifar-result, .cifar-message").filter(has_text=f"{photo.name}:")
-        await block.wait_for(timeout=max(1, TIMEOUT_S - (time.monotonic() - t0)) * 1000)
+        await (await chooser.value).set_files([str(f) for f in files])
+        answers = []
+        for f in files:
+            block = page.locator(".cifar-result, .cifar-message").filter(has_text=f"{f.name}:")
+            await block.wait_for(timeout=max(1, TIMEOUT_S - (time.monotonic() - t0)) * 1000)
+            answers.append((await block.inner_text()).splitlines()[0][:100])
         rec["answer_s"] = round(time.monotonic() - t0, 2)
-        rec["answer"] = (await block.inner_text()).splitlines()[0][:80]
+        rec["answer"] = " | ".join(answers)
     except Exception as e:  # reported, not raised: the other visitors go on
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
@@ -169,14 +176,15 @@ async def visit(browser, url: str, photo: Path, i: int, t_start: float, leave: s
     return rec
 
 
-async def visitors(url: str, photos: list[Path], n: int, one_by_one: bool, leave: str) -> list[dict]:
+async def visitors(url: str, photos: list[Path], n: int, one_by_one: bool, leave: str,
+                   hostile: tuple[int, list[Path]] | None = None) -> list[dict]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
             t_start = time.monotonic()
-            jobs = [(photos[i % len(photos)], i) for i in range(n)]
+            jobs = [(hostile[1] if hostile and i + 1 == hostile[0] else photos[i % len(photos)], i) for i in range(n)]
             if one_by_one:
                 return [await visit(browser, url, photo, i, t_start, leave) for photo, i in jobs]
             return list(await asyncio.gather(*(visit(browser, url, photo, i, t_start, leave) for photo, i in jobs)))
@@ -195,6 +203,7 @@ def main() -> None:
     ap.add_argument("--leave", choices=["close", "unload"], default="close")
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "samples" / "cifar100"))
     ap.add_argument("--torch", action="store_true", help="pages on PyTorch (make app's --torch), for comparison")
+    ap.add_argument("--hostile", type=int, default=0, help="this visitor (1-based) uploads the two crafted PNGs")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
     photos = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -207,7 +216,12 @@ def main() -> None:
         idle = app.wait_quiet(args.pool)
         app.start_sampling()
         t0 = time.monotonic()
-        records = asyncio.run(visitors(app.url, photos, args.visitors, args.one_by_one, args.leave))
+        hostile = None
+        if args.hostile:
+            import hostile_pictures
+            made = hostile_pictures.write(log.parent / f"bench_app-{os.getpid()}-hostile")
+            hostile = (args.hostile, [made["png16-7000.png"], made["rgba-7000.png"]])
+        records = asyncio.run(visitors(app.url, photos, args.visitors, args.one_by_one, args.leave, hostile))
         t_left = time.monotonic()
         during = [s for s in app.samples if t0 <= s["t"] <= t_left]
         time.sleep(args.wait_after)
@@ -235,6 +249,9 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     print(json.dumps(result))
+    if args.hostile:
+        import shutil
+        shutil.rmtree(log.parent / f"bench_app-{os.getpid()}-hostile", ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     log.unlink()

@@ -203,3 +203,63 @@ def test_the_readmes_deploy_snippet_predicts_as_cifarlib_does(patch_onnx, patch_
     expected = patch_predictor.predict(folder / "photo.jpg", top_k=3).top
     assert [line.split()[0] for line in lines] == [name for name, _ in expected]
     assert [float(line.split()[1].rstrip("%")) for line in lines] == pytest.approx([100 * p for _, p in expected], abs=0.06)
+
+
+def checkpoint_of(backbone: str, trained_checkpoint: Path, folder: Path, **model_kw) -> Path:
+    """The suite's checkpoint with another backbone's (untrained) weights: enough to export."""
+    from cifarlib.model import build_model, checkpoints
+    ckpt = checkpoints.load(trained_checkpoint)
+    model = build_model(backbone, len(ckpt["classes"]), "none", **model_kw)
+    path = folder / f"{backbone}.pt"
+    checkpoints.save({**ckpt, "backbone": backbone, "model": model.state_dict(),
+                      "config": {**ckpt["config"], "backbone": backbone}}, path)
+    return path
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv3_small_050", "test_vit"])
+def test_cams_of_a_head_that_is_not_pooling_and_one_linear_layer_are_refused_in_one_line(
+        backbone, trained_checkpoint, tmp_path, capsys):
+    """MobileNetV3's head has a convolution after its pooling, a ViT's features are tokens: both
+    once crashed with a traceback."""
+    code, err = run_cli([checkpoint_of(backbone, trained_checkpoint, tmp_path), "--cams"], capsys)
+    assert code == 2 and "--cams needs a head of global average pooling" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_the_parity_check_covers_the_cams_and_fails_in_one_line(trained_checkpoint, tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+    real = ort.InferenceSession.run
+
+    def wrong_cams(self, *a, **k):
+        out = real(self, *a, **k)
+        return [out[0], out[1] * 1.01] if len(out) > 1 else out
+    monkeypatch.setattr(ort.InferenceSession, "run", wrong_cams)
+    code, err = run_cli([trained_checkpoint, "--cams", "--out", tmp_path / "m.onnx"], capsys)
+    assert code == 2 and "the cams differ by 1.00e-02" in err and "nothing was written" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_and_a_sidecar_of_different_exports_are_refused(patch_onnx, tmp_path):
+    """The sidecar names its model's hash: a new model beside an old sidecar (an export cut short
+    between the two files) would show another model's class names without a word."""
+    import shutil
+
+    from cifarlib.serving.onnxpredict import OnnxPredictor
+    model, sidecar = patch_onnx
+    meta = json.loads(sidecar.read_text())
+    assert len(meta["sha256"]) == 64
+    shutil.copy(model, tmp_path / "model.onnx")
+    (tmp_path / "model.onnx.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    with pytest.raises(UserError, match="is not the model its sidecar model.onnx.json describes"):
+        OnnxPredictor.from_export(tmp_path / "model.onnx")
+
+
+def test_explain_takes_a_class_number_as_numpy_gives_it(patch_predictor):
+    picture = patch_picture(COLOURS["red"], 5)
+    scores = np.asarray([p[1] for p in patch_predictor.predict(picture, top_k=3).top])
+    by_int = patch_predictor.explain(picture, class_index=2)
+    assert np.array_equal(patch_predictor.explain(picture, class_index=np.int64(2)), by_int)
+    assert np.array_equal(patch_predictor.explain([picture], class_index=np.array([2]))[0], by_int)
+    with pytest.raises(UserError, match="class_index must be a class number from 0 to 2"):
+        patch_predictor.explain(picture, class_index=2.5)
+    assert scores.size == 3

@@ -95,7 +95,8 @@ def test_a_checkpoint_that_cannot_be_exported_is_served_on_pytorch_with_a_notice
     assert serve.page_model(trained_checkpoint, tmp_path) is None
     out = capsys.readouterr().out
     assert "Serving on PyTorch instead" in out and "--cams needs a head" in out
-    assert serve.page_mb(trained_checkpoint, None) == serve.PAGE_MB["torch"] + round(trained_checkpoint.stat().st_size / 1e6)
+    assert serve.page_mb(trained_checkpoint, None) == (serve.PAGE_MB["torch"] + round(trained_checkpoint.stat().st_size / 1e6)
+                                                       + serve.PICTURE_MB + 2 * serve.MAX_MESSAGE // 1_000_000)
 
 
 def test_the_visitor_limit_is_what_the_available_memory_holds(monkeypatch):
@@ -106,6 +107,33 @@ def test_the_visitor_limit_is_what_the_available_memory_holds(monkeypatch):
     assert serve.default_max_visitors(200, pool=2) == (1, 900)  # never less than one
 
 
+def test_the_server_reads_the_memory_itself_and_warns_when_it_holds_fewer_pages_than_the_pool(monkeypatch, capsys):
+    """In the server's own process (torch and the model given back), from a page's peak: the upload
+    goal and the message held twice included."""
+    import psutil
+
+    from cifarlib.serving import appserver
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 20_000_000_000})())
+    assert appserver.visitor_limit(0, 500, pool=2) == (20_000 - serve.RESERVE_MB) // 500 - 2
+    assert "a page may take 500 MB at its peak" in capsys.readouterr().out
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 1_800_000_000})())
+    assert appserver.visitor_limit(0, 500, pool=2) == 1
+    assert "warning: the memory available holds fewer pages (1) than the pool of 2" in capsys.readouterr().out
+
+
+def test_the_app_answers_only_to_its_own_names():
+    from types import SimpleNamespace
+
+    from cifarlib.serving import appserver
+    allowed = appserver.allowed_hosts("0.0.0.0", ["192.168.1.5", " My.Host "])
+    assert allowed == {"127.0.0.1", "localhost", "::1", "192.168.1.5", "my.host"}
+    check = appserver.host_checker(allowed)
+    handler = lambda host: SimpleNamespace(request=SimpleNamespace(host=host), log=SimpleNamespace(warning=print))  # noqa: E731
+    assert check(handler("localhost:8866")) and check(handler("[::1]:8866")) and check(handler("my.host"))
+    assert not check(handler("evil.example:8866")) and not check(handler("192.168.1.6:8866"))
+    assert appserver.allowed_hosts("10.0.0.2", []) == {"127.0.0.1", "localhost", "::1", "10.0.0.2"}
+
+
 def test_a_busy_port_is_a_clear_error_instead_of_another_port():
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
@@ -113,11 +141,11 @@ def test_a_busy_port_is_a_clear_error_instead_of_another_port():
             serve.check_port_free("127.0.0.1", port)
 
 
-@pytest.mark.parametrize("args", [["--pool", "-1"], ["--max-visitors", "-2"], ["--cull-idle", "0"]])
+@pytest.mark.parametrize("args", [["--pool", "-1"], ["--max-visitors", "-2"], ["--cull-idle", "0"], ["--per-client", "-1"]])
 def test_bad_settings_exit_2_with_one_line(args, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cifarlib.serve", *args, "--prepared", str(tmp_path / "05.ipynb")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--max-visitors and --pool must be" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--max-visitors, --pool and --per-client must be" in r.stderr
 
 
 def test_cli_exits_2_with_one_line_before_starting_voila(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Union
 
@@ -20,14 +21,16 @@ from PIL import Image, ImageOps
 from ..core.errors import UserError
 
 CIFAR_SIZE = 32
-# What a picture may cost, known from its header before anything is decoded. A JPEG decodes at a
-# reduced scale (libjpeg's DCT scaling, 1/2 to 1/8), so it may be large; a progressive JPEG holds
-# all its coefficients while it decodes, and every other format decodes at full size, so they are
-# held to fewer pixels. Measured on the hostile pictures of benchmarks/bench_pictures.py: each
-# accepted one costs under 150 MB more than a small photo at its peak and under 1 s of CPU on the
-# 2-core VM (benchmarks/README.md).
-MAX_PIXELS = 24_000_000           # any format that decodes at full size (PNG, WebP, GIF, BMP, TIFF, ...)
-MAX_JPEG_PIXELS = 80_000_000      # a baseline JPEG, decoded at a reduced scale
+# What a picture may cost, known from its header before anything is decoded: at most this many
+# pixels, by format. A baseline JPEG decodes at a reduced scale (libjpeg's DCT scaling, 1/2 to
+# 1/8), so it may be large; a progressive one holds its coefficients while it decodes (3.1 MB a
+# megapixel); every other format decodes at full size, at its own cost in memory (a megapixel, file
+# included: PNG up to 9.4 MB, WebP 15.6, BMP 6.7, GIF 5.6). So that any accepted picture costs at
+# most 150 MB more than a small photo at its peak, and under 1 s of CPU, on the 2-core VM
+# (benchmarks/bench_pictures.py; benchmarks/README.md):
+MAX_PIXELS = {"JPEG": 80_000_000, "JPEG (progressive)": 40_000_000, "PNG": 14_000_000, "WEBP": 8_000_000,
+              "GIF": 24_000_000, "BMP": 20_000_000}
+MAX_OTHER_PIXELS = 14_000_000     # any other format Pillow decodes by itself (TIFF, PSD, ...), at full size
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what the web app accepts, from the content
 NEVER = ("EPS",)                  # run an external program (Ghostscript): not opened anywhere
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -62,14 +65,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 Picture = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 
+def _kind(image: Image.Image) -> str:
+    """The picture's format, as MAX_PIXELS names it."""
+    if image.format in ("JPEG", "MPO"):
+        return "JPEG (progressive)" if image.info.get("progressive") or image.info.get("progression") else "JPEG"
+    return image.format or "picture"
+
+
 def _check_size(image: Image.Image) -> None:
     """Refuse, from the header, a picture whose decoding would cost too much (see MAX_PIXELS)."""
-    pixels = image.width * image.height
-    jpeg = image.format in ("JPEG", "MPO") and not image.info.get("progressive") and not image.info.get("progression")
-    limit = MAX_JPEG_PIXELS if jpeg else MAX_PIXELS
-    if pixels > limit:
-        kind = "a JPEG" if jpeg else f"a {'progressive JPEG' if image.format in ('JPEG', 'MPO') else image.format or 'picture'}"
-        raise UserError(f"the image is {image.width}x{image.height} pixels; {kind} may have at most {limit:,} here "
+    kind = _kind(image)
+    limit = MAX_PIXELS.get(kind, MAX_OTHER_PIXELS)
+    if image.width * image.height > limit:
+        raise UserError(f"the image is {image.width}x{image.height} pixels; a {kind} may have at most {limit:,} here "
                         "(a guard against pictures that cost seconds and gigabytes to decode): resize it first.")
 
 
@@ -100,7 +108,7 @@ def decode(image: Picture, min_side: int, formats: tuple[str, ...] | None = None
     Accepts a path, encoded bytes, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4); float
     arrays are taken as 0..1. Encoded pictures are opened only as `formats` (by content, not by
     name; None: any format Pillow decodes by itself, EPS never: it runs Ghostscript), refused from
-    their header past `MAX_PIXELS` (`MAX_JPEG_PIXELS` for a baseline JPEG), and decoded small
+    their header past their format's `MAX_PIXELS`, and decoded small
     where they allow (`_reduced`): at least `min_side` pixels on the shorter side. Anything that is
     not a usable picture raises `UserError`.
     """
@@ -121,11 +129,17 @@ def decode(image: Picture, min_side: int, formats: tuple[str, ...] | None = None
         if orientation in _TRANSPOSE:
             small = small.transpose(_TRANSPOSE[orientation])
         return to_rgb(small)
-    except (OSError, ValueError, TypeError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS, before ours
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise UserError(f"the image says it is {size}, far above the limits here (at most {max(MAX_PIXELS.values()):,}, "
+                        "for a JPEG: a guard against pictures that cost seconds and gigabytes to decode): resize it "
+                        "first.") from None
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError) as e:
         # PIL reports damaged files as OSError (UnidentifiedImageError too), SyntaxError ("broken
         # PNG file"), ValueError or EOFError; an unknown format's message would name a BytesIO object
         if isinstance(e, Image.UnidentifiedImageError):
-            why = "no image format recognised" if formats is None else f"not one of {', '.join(formats)}"
+            why = "no image format recognised" if formats is None else f"not a picture in one of {', '.join(formats)}"
         else:
             why = f"{type(e).__name__}: {e}"
         raise UserError(f"not a usable image ({why}).") from None

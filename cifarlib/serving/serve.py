@@ -15,14 +15,17 @@ runs/app/. Voilà then serves that copy at http://HOST:PORT/ (`cifarlib.serving.
 process becomes, so that the memory the checks took is given back): visitors see the notebook's
 text, outputs and widgets, never its code, tracebacks or parameters, and cannot change them.
 
-How many visitors at once: `--max-visitors`, by default what the memory available at start
-holds, 1 GB kept free, at a page's measured cost (`PAGE_MB`, plus the model's weights) with the
-pool's kernels counted first. The pool, the culling of kernels whose pages are gone, and the
-busy page past the limit are `cifarlib.serving.appserver`'s.
+How many visitors at once: `--max-visitors`, by default what the memory available to the server
+holds (read by the server itself, once this process has become it and given back torch and the
+model), 1 GB kept free, at a page's peak (`page_mb`: its kernel's measured cost and the model's
+weights, the peak of the worst picture it accepts, and an upload message held twice, by the server
+and by the kernel), the pool's kernels counted first. The pool, the culling of kernels whose pages
+are gone, the busy page past the limit, the names the server answers to and the pages one address
+may hold are `cifarlib.serving.appserver`'s.
 
 `FileUpload` sends a whole selection in one websocket message, which tornado cuts at 10 MiB by
-default; the server raises that to `MAX_MESSAGE` (100 MB), so a selection larger than that
-cannot reach the app.
+default; the server raises that to `MAX_MESSAGE` (64 MB), so a selection larger than that
+cannot reach the app, and the app reads at most `app.MAX_FILES` pictures of one.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ PREPARED = "runs/app/05_inference_widget.ipynb"
 # between them), with EfficientNet-Lite0 at most 112 MB on onnxruntime and 496 on PyTorch, 14 of
 # them its weights (benchmarks/bench_app.py; benchmarks/README.md, "The web app under load").
 PAGE_MB = {"onnx": 130, "torch": 490}
+PICTURE_MB = 150  # the most an accepted picture costs at its peak (cifarlib.data.pictures: the limits measured)
 RESERVE_MB = 1024  # kept free for the server, the system and whatever else runs there
+PER_CLIENT = 4  # pages one remote address may hold (loopback apart): one visitor cannot keep out the rest
 POOL = 2  # preheated kernels: each holds a page's memory while it waits
 # A kernel whose page is gone (closed without telling the server, or no longer answering its pings)
 # ends after CULL_IDLE s idle, checked every CULL_INTERVAL s; one whose page is connected never
 # does. Why these values: cifarlib.serving.appserver's docstring.
 CULL_IDLE, CULL_INTERVAL = 60, 10
-MAX_MESSAGE = 100_000_000  # bytes; tornado's default is 10 MiB
+MAX_MESSAGE = 64_000_000  # bytes; tornado's default is 10 MiB
 REMEDY = ("`make demo` writes a small one in about a minute (checkpoints/demo/best.pt), and a training run "
           "(make train, or notebook 03) a real one; or pass CHECKPOINT=path/to/best.pt.")
 
@@ -102,8 +107,11 @@ def page_model(checkpoint: Path, folder: Path) -> Path | None:
 
 
 def page_mb(checkpoint: Path, onnx_model: Path | None) -> int:
-    """A page's memory: the measured cost of its kernel, plus the model's weights (the file's size)."""
-    return PAGE_MB["onnx" if onnx_model else "torch"] + round((onnx_model or checkpoint).stat().st_size / 1e6)
+    """A page's peak memory: the measured cost of its kernel, the model's weights (the file's
+    size), the worst accepted picture's peak, and one upload message held by the server and by the
+    kernel."""
+    weights = round((onnx_model or checkpoint).stat().st_size / 1e6)
+    return PAGE_MB["onnx" if onnx_model else "torch"] + weights + PICTURE_MB + 2 * MAX_MESSAGE // 1_000_000
 
 
 def default_max_visitors(page: int, pool: int) -> tuple[int, int]:
@@ -151,31 +159,31 @@ def main(argv: list[str] | None = None) -> None:
                     help="seconds a kernel whose page is gone may stay idle before it is ended")
     ap.add_argument("--cull-interval", type=int, default=CULL_INTERVAL, help="seconds between checks for those")
     ap.add_argument("--torch", action="store_true", help="run the pages on PyTorch, not on the exported model")
+    ap.add_argument("--allowed-hosts", default="", help="names besides 127.0.0.1, localhost and --host that the app "
+                    "answers to (Host headers), separated by commas: needed with --host 0.0.0.0")
+    ap.add_argument("--per-client", type=int, default=PER_CLIENT,
+                    help="pages one remote address may hold at once (loopback apart; 0: no limit)")
     args = ap.parse_args(argv)
     with cli_errors(ap.prog):
-        if args.max_visitors < 0 or args.pool < 0 or args.cull_idle < 1 or args.cull_interval < 1:
-            raise UserError("--max-visitors and --pool must be 0 or more, --cull-idle and --cull-interval 1 or more.")
+        if min(args.max_visitors, args.pool, args.per_client) < 0 or args.cull_idle < 1 or args.cull_interval < 1:
+            raise UserError("--max-visitors, --pool and --per-client must be 0 or more, --cull-idle and --cull-interval "
+                            "1 or more.")
         checkpoint = pick_checkpoint(args.checkpoint)
         check_port_free(args.host, args.port)
         folder = runtime.resolve_path(args.prepared).parent
         folder.mkdir(parents=True, exist_ok=True)
         onnx_model = None if args.torch else page_model(checkpoint, folder)
         notebook = prepare(checkpoint, args.prepared, onnx_model)
-    page = page_mb(checkpoint, onnx_model)
-    limit, available = default_max_visitors(page, args.pool)
-    why = f"a page costs about {page} MB; {available / 1000:.1f} GB is available, {RESERVE_MB / 1000:.0f} GB kept free"
-    if args.max_visitors:
-        limit, why = args.max_visitors, f"as asked; {why}"
-    print(f"Serving notebook 05 with {checkpoint}, on {'onnxruntime' if onnx_model else 'PyTorch'}\n"
-          f"Up to {limit} visitors at once ({why}), and {args.pool} preheated pages; a page's kernel ends when "
-          f"its page is closed, or {args.cull_idle}-{args.cull_idle + args.cull_interval} s after its page is gone.",
-          flush=True)
-    # this process becomes the server: the memory that checking and exporting took is given back
+    print(f"Serving notebook 05 with {checkpoint}, on {'onnxruntime' if onnx_model else 'PyTorch'}", flush=True)
+    # this process becomes the server: the memory that checking and exporting took is given back,
+    # and the server reads the memory available for its visitors then
     here = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     os.execv(sys.executable, [sys.executable, "-m", "cifarlib.serving.appserver", str(notebook), "--host", args.host,
-                              "--port", str(args.port), "--max-visitors", str(limit), "--pool", str(args.pool),
-                              "--cull-idle", str(args.cull_idle), "--cull-interval", str(args.cull_interval)])
+                              "--port", str(args.port), "--max-visitors", str(args.max_visitors),
+                              "--page-mb", str(page_mb(checkpoint, onnx_model)), "--pool", str(args.pool),
+                              "--cull-idle", str(args.cull_idle), "--cull-interval", str(args.cull_interval),
+                              "--allowed-hosts", args.allowed_hosts, "--per-client", str(args.per_client)])
 
 
 if __name__ == "__main__":
