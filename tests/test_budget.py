@@ -151,7 +151,7 @@ def test_the_probe_and_the_finder_leave_no_trace_and_the_finder_suggests_inside_
     run.model.train()  # BatchNorm modes as a user may have left them
     before = _everything(run)
     costs = trial.probe(run, steps=2, warmup=1)
-    assert [c.name for c in costs] == ["head", "all"] and all(c.step_s > 0 and c.val_s > 0 for c in costs)
+    assert [c.name for c in costs] == ["head", "top"] and all(c.step_s > 0 and c.val_s > 0 for c in costs)
     assert _same(before, _everything(run))
     curve = train.find_lr(run, per_decade=3)
     assert _same(before, _everything(run))

@@ -192,7 +192,7 @@ def test_a_run_resumes_under_another_plan_with_that_plans_optimizer_kernel(
     assert all(g["fused"] == (resumed_under == "gpu") for g in run.stage.opt.param_groups)
     assert checkpoints.read_json(folder / "config.json")["plan"]["precision"] == run.plan.precision
     history = rows_of(folder)
-    assert [r["stage"] for r in history] == ["head", "all"] and all(math.isfinite(float(r["val_loss"])) for r in history)
+    assert [r["stage"] for r in history] == ["head", "top"] and all(math.isfinite(float(r["val_loss"])) for r in history)
 
 
 def test_a_resume_command_keeps_the_recipe_and_says_what_it_cannot_change(root, references):
@@ -231,7 +231,7 @@ def test_a_non_finite_loss_is_named_at_its_step_and_nothing_is_written_after_the
         return (inputs * float("nan") if len(calls) == 13 else inputs), targets
     monkeypatch.setattr(BatchAugment, "__call__", poisoned)
     applied = "may have taken up to 4 bad step" if plan == "gpu" else "That step was not applied"
-    with pytest.raises(UserError, match=rf"NaN or infinite at epoch 2, step 13, in stage 'all'.*{applied}"):
+    with pytest.raises(UserError, match=rf"NaN or infinite at epoch 2, step 13, in stage 'top'.*{applied}"):
         next(gen)
     assert {f: (run.dir / f).read_bytes() for f in before} == before
     finite = all(torch.isfinite(p).all() for p in run.model.parameters())
