@@ -58,6 +58,7 @@ def warm_cache(data: str, kv: dict) -> None:
 
 
 def ours(data: str, weights: str, kv: dict) -> dict:
+    from cifarlib.evaluation import runs
     from cifarlib.model import checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         args = {"preset": "cpu", "dataset": "folder", "data_dir": data, "weights": weights, **DEFAULTS, **kv,
@@ -66,16 +67,20 @@ def ours(data: str, weights: str, kv: dict) -> dict:
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         command_s = time.perf_counter() - t0
+        print(done.stdout, end="", file=sys.stderr)  # its device plan, budget lines and rows, as a user sees them
         if done.returncode != 0:
             raise SystemExit(f"the training command failed (exit status {done.returncode}): {' '.join(cmd)}")
         folder = Path(tmp) / "bench"
         history = checkpoints.read_history(folder / "history.csv")
         config = json.loads((folder / "config.json").read_text())
+        listed = runs.read_run(folder)  # the runs table's row: its status and minutes
     last = history[-1]
     return {"who": "cpu preset", "command": " ".join(cmd[1:]), "val_top1": float(last["val_acc"]),
             "val_loss": float(last["val_loss"]), "best_val_top1": max(float(r["val_acc"]) for r in history),
             "train_val_s": round(sum(float(r["seconds"]) for r in history), 1), "command_s": round(command_s, 1),
             "epochs": [{k: r[k] for k in ("epoch", "stage", "val_acc", "val_loss", "seconds", "images_per_s")} for r in history],
+            "runs_table": {k: listed.get(k) for k in ("status", "epochs_done", "epochs_planned", "budget_min", "planned_min", "actual_min", "best_val_acc")},
+            "printed": [line for line in done.stdout.splitlines() if line.startswith(("budget", "re-planned", "device plan"))],
             "config": config}
 
 

@@ -9,7 +9,12 @@ chooses every stage's length in optimizer steps so that the whole run ends near 
 - lengths are optimizer steps, so a stage may end inside an epoch (the one-cycle schedule is
   sized to them in advance);
 - a stage validates at every epoch boundary inside it and at its end, and each validation is
-  counted.
+  counted;
+- a stage ends at an epoch boundary, unless the steps past it take at least as long as the
+  validation and save they bring with them; the time those steps would have taken goes to the
+  stages before, or to the next whole epoch (`at_boundaries`);
+- as the run goes, the stages not yet run are planned again from the pace it measured
+  (`replan`), and the last stage is fitted again at each of its epoch boundaries (`refit_last`).
 
 Pure arithmetic, no clock and no torch: the tests plan with given step times. fastai, timm and
 Lightning all take a number of epochs; none plans a run to a time, so this is our own.
