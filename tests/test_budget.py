@@ -331,6 +331,25 @@ def test_the_finders_valley_is_not_fooled_by_the_noise_of_its_first_points():
     assert early == 0 and inside >= 290, (early, inside)
 
 
+def test_the_finders_valley_is_not_fooled_by_a_zero_heads_smooth_plateau():
+    """A head that starts at zero: every batch's first loss is ln(10), so the sweep's first
+    decades fall smoothly by tiny amounts, without noise, before the real drop. fastai's rule
+    took that plateau for valley (on the real photos: 0.07 times the preset, left of the drop);
+    the valley must lie in the drop."""
+    scales = [1e-4 * 10 ** (i / 20) for i in range(141)]
+    raw = [math.log(10) - 0.5 / (1 + math.exp(-(math.log10(s) - 0.5) * 3)) + (0 if s < 30 else (math.log10(s) - 1.5) * 3)
+           for s in scales]
+    avg, smooth = 0.0, []
+    for i, v in enumerate(raw):
+        avg = 0.98 * avg + 0.02 * v
+        smooth.append(avg / (1 - 0.98 ** (i + 1)))
+    curve = trial._suggest("head", ("head",), (1e-3,), scales, smooth, 141, 1.0)
+    top, low = smooth[14], min(smooth)  # the smoothed curve's own fall, which lags the raw drop at 3 times the peak
+    fall = [s for s, v in zip(scales, smooth) if s < scales[smooth.index(low)] and v < top - 0.05 * (top - low)]
+    assert fall[0] <= curve.valley <= fall[-1], (curve.valley, fall[0], fall[-1])  # 0.71 to 32
+    assert trial.valley(smooth[14:136]) < trial.valley(smooth[14:136], tol=0.005)  # without the tolerance: on the plateau
+
+
 def test_the_finders_advice_is_the_runs_lr_scale_times_the_valley(tmp_path):
     curve = trial.LRCurve("head", ("head",), (5e-4,), [1.0], [1.0], valley=3.0, minimum_tenth=1.0, lr_scale=0.5)
     assert "set lr_scale=1.5 " in curve.advice() and "lr_scale=0.5" in curve.advice()

@@ -212,15 +212,21 @@ def _finder_step(run: Run, st: StageRun, micro) -> float:
     return total / accum
 
 
-def valley(losses: list[float]) -> int:
+def valley(losses: list[float], tol: float = 0.0) -> int:
     """fastai's `valley`: the index half-way into the longest valley of `losses` (its longest
     decreasing subsequence), a third and a sixth of the way from its start, as fastai computes
-    it."""
+    it; a point extends a valley only where it lies more than `tol` below the one before it.
+
+    Why `tol`: a new head that starts at zero gives every batch the same first loss, ln(classes),
+    so the sweep's first decades are a curve that falls smoothly by tiny amounts, without noise;
+    fastai's rule counted them as valley and, on the real photos, suggested 0.07 times the
+    preset's rates, far to the left of where the loss started to fall (fastai's own heads start
+    noisy, and its noise breaks such a run of points)."""
     n = len(losses)
     lds, start, end = [1] * n, 0, 0
     for i in range(1, n):
         for j in range(i):
-            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+            if losses[i] < losses[j] - tol and lds[i] < lds[j] + 1:
                 lds[i] = lds[j] + 1
             if lds[end] < lds[i]:
                 end, start = i, i - lds[i]
@@ -230,12 +236,15 @@ def valley(losses: list[float]) -> int:
 
 def _suggest(stage, groups, peaks, scales, losses, steps: int, lr_scale: float) -> LRCurve:
     """The suggestion on the curve trimmed as fastai's `lr_find` trims it: its first tenth of the
-    planned steps (the smoothed loss of the first points is noise) and its last 5 points."""
+    planned steps (the smoothed loss of the first points is noise) and its last 5 points; the
+    valley counts falls of at least 1% of the trimmed curve's range (`valley`)."""
     lo, hi = steps // 10, len(losses) - 5
     minimum = scales[min(range(len(losses)), key=losses.__getitem__)] / 10 if losses else 0.1
     if hi - lo < 3:  # too short a curve to trim: the minimum / 10
         return LRCurve(stage, groups, peaks, scales, losses, minimum, minimum, lr_scale)
-    return LRCurve(stage, groups, peaks, scales, losses, scales[lo + valley(losses[lo:hi])], minimum, lr_scale)
+    trimmed = losses[lo:hi]
+    tol = 0.01 * (max(trimmed) - min(trimmed))  # a fall of 1% of the curve's range counts; less does not
+    return LRCurve(stage, groups, peaks, scales, losses, scales[lo + valley(trimmed, tol)], minimum, lr_scale)
 
 
 def save_seconds(run: Run) -> float:
