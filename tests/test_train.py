@@ -152,7 +152,7 @@ def test_values_are_read_as_papermill_reads_them():
 def test_loss_falls_and_a_run_writes_self_describing_files(tmp_path):
     run = train.prepare(tiny_cfg(tmp_path, epochs=3, max_train_samples=1000))
     rows = list(train.epochs(run))
-    assert [r["stage"] for r in rows] == ["head", "all", "all"]
+    assert [r["stage"] for r in rows] == ["head", "top", "top"]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     files = sorted(p.name for p in run.dir.iterdir())
     assert files == ["best.pt", "config.json", "history.csv", "last.pt", "loss_curves.png"]
@@ -185,7 +185,7 @@ def test_each_stage_trains_and_validates_at_its_own_size(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "logits", logits)
     run = train.prepare(tiny_cfg(tmp_path, epochs=2, max_train_samples=64, max_eval_samples=32, image_size=40))
     stages = [(s.name, s.image_size) for s in run.cfg.stages]
-    assert stages == [("head", 64), ("all", 0)]  # the preset's head size, capped at 40 below
+    assert stages == [("head", 64), ("top", 0)]  # the preset's head size, capped at 40 below
     run.cfg = dataclasses.replace(run.cfg, stages=(dataclasses.replace(run.cfg.stages[0], image_size=24), run.cfg.stages[1]))
     sizes = []
     for _ in train.epochs(run):
@@ -308,7 +308,7 @@ def test_training_needs_a_validation_split_and_rejects_unsupported_backbones():
         model_lib.build_model("googlenet", 100, "none")
 
 
-@pytest.mark.parametrize("ends_run,stages_seen", [(True, ["head", "head"]), (False, ["head", "head", "all", "all"])])
+@pytest.mark.parametrize("ends_run,stages_seen", [(True, ["head", "head"]), (False, ["head", "head", "top", "top"])])
 def test_early_stopping_ends_the_run_or_only_the_stage(tmp_path, monkeypatch, ends_run, stages_seen):
     losses = iter(range(1, 100))  # validation loss that only ever gets worse
     monkeypatch.setattr(train, "validate", lambda run, model: (float(next(losses)), 0.0))
@@ -328,5 +328,5 @@ def test_resume_at_a_stage_boundary_matches_an_uninterrupted_run(tmp_path):
     whole = rows(train.prepare(tiny_cfg(tmp_path, epochs=3, run_name="whole")))
     first = rows(train.prepare(tiny_cfg(tmp_path, epochs=3, run_name="cut")), stop_after=1)  # the head stage
     rest = rows(train.prepare(tiny_cfg(tmp_path, epochs=3, run_name="cut", resume=True)))
-    assert [r["stage"] for r in first + rest] == ["head", "all", "all"]
+    assert [r["stage"] for r in first + rest] == ["head", "top", "top"]
     assert first + rest == whole
