@@ -81,10 +81,17 @@ def _check_size(image: Image.Image) -> None:
                         "(a guard against pictures that cost seconds and gigabytes to decode): resize it first.")
 
 
+# Pictures up to this many pixels are converted at full size: cheap at that size (at most about
+# 16 MB a copy), and the same picture then gives the same model input whatever `min_side` a reader
+# asks (the app asks 160 px, `predict` twice the stored size). Larger ones are reduced first.
+REDUCE_ABOVE = 4_000_000
+
+
 def _reduced(image: Image.Image, min_side: int) -> Image.Image:
     """The picture decoded and made small in its own mode, before any conversion: a JPEG at the
-    scale libjpeg decodes down to (`draft`), then any format by an integer factor that keeps its
-    shorter side at least `min_side` (`reduce`, a box filter; `fit` antialiases the rest). Modes
+    scale libjpeg decodes down to (`draft`), then, past `REDUCE_ABOVE` pixels, any format by an
+    integer factor that keeps its shorter side at least `min_side` (`reduce`, a box filter; `fit`
+    antialiases the rest). Modes
     that `reduce` does not take are first made compact: 16-bit grayscale to 8-bit (a shift, not a
     float copy of the full picture), bilevel to grayscale, a palette to RGB(A)."""
     image.draft(None, (min_side, min_side))  # JPEG only (a no-op for other formats)
@@ -96,6 +103,8 @@ def _reduced(image: Image.Image, min_side: int) -> Image.Image:
         image = image.convert("L")
     elif image.mode in ("P", "PA"):
         image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+    if image.size[0] * image.size[1] <= REDUCE_ABOVE:
+        return image
     factor = max(1, min(image.size) // max(min_side, 1))
     return image.reduce(factor) if factor > 1 else image
 
