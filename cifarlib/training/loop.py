@@ -4,9 +4,9 @@
 sums) until the epoch ends or one of its scheduled checks asks the caller to save or to stop.
 The host never waits for the device inside a step: nothing reads a device value back (but the
 gradient scaler of a plan forced to fp16 with an unfused optimizer, which its printed plan says:
-`DevicePlan.scaler_waits`). It waits only at the scheduled checks, every `plan.check_every` optimizer steps (50 on a GPU, where each
-wait drains the queue of launched work; every step on the CPU, where it costs nothing) and at
-the epoch's end. A check reads, in one small tensor all-reduced over the ranks, the stop flag
+`DevicePlan.scaler_waits`). It waits only at the scheduled checks, every `plan.check_every`
+optimizer steps (50 on a GPU, where each wait drains the queue of launched work; every step on
+the CPU, where it costs nothing) and at the epoch's end. A check reads, in one small tensor all-reduced over the ranks, the stop flag
 that signals set, the first batch whose loss was not finite, and whether a periodic save is
 due, so that under torchrun every rank acts at the same step. Checks, stops and saves fall only
 on optimizer steps' boundaries, so that no partial accumulation of gradients is ever lost.

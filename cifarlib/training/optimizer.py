@@ -43,13 +43,6 @@ def make_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, steps: 
         anneal_strategy=stage.anneal, cycle_momentum=cfg.cycle_momentum and cfg.optimizer == "sgd")
 
 
-def layout(t: torch.Tensor) -> tuple[int, ...]:
-    """A tensor's memory order: its strides along the dimensions longer than 1 (the others' strides
-    are arbitrary: SGD's momentum buffer for a 1x1 convolution in channels_last is (C, 1, 1, 1)
-    where its weight is (C, 1, C, C), the same order)."""
-    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
-
-
 def resize_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, old, steps: int):
     """The stage's one-cycle schedule over `steps` optimizer steps instead, from where `old` stands:
     a budget that re-plans a stage under way (its warm-up is over by then: its rate follows the
@@ -59,6 +52,13 @@ def resize_schedule(cfg: Config, opt: torch.optim.Optimizer, stage: Stage, old, 
     new.last_epoch = done - 1
     new.step()  # the rate for step `done` of the new length
     return new
+
+
+def layout(t: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's memory order: its strides along the dimensions longer than 1 (the others' strides
+    are arbitrary: SGD's momentum buffer for a 1x1 convolution in channels_last is (C, 1, 1, 1)
+    where its weight is (C, 1, C, C), the same order)."""
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
 def expected(p: torch.Tensor, key: str, value: torch.Tensor, group: dict[str, Any]):

@@ -68,7 +68,6 @@ from .trial import find_lr  # noqa: F401  (train.find_lr(run, stage=None))
 REPLAN_AFTER_S = 2.0  # a pause longer than this between a budget's plan and its first step is planned for
 
 
-
 # --- training, from the top down -----------------------------------------------------------------
 
 def epochs(run: Run) -> Iterator[dict[str, Any]]:
@@ -121,6 +120,7 @@ def _refit_stage(run: Run) -> None:
         run.at = Progress(st.index + 1, 0)
     else:
         st.sched = resize_schedule(run.cfg, st.opt, st.stage, st.sched, steps)
+
 
 def _start_stage(run: Run) -> StageRun:
     """A stage's layers made trainable, at its image size, with a fresh optimizer and one-cycle

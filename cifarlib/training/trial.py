@@ -14,9 +14,10 @@ function of the seed and the epoch.
   exponentially from 1e-4 of its peaks, over 20 steps a decade, until the smoothed loss diverges
   (4 times its lowest) or 1,000 times the peaks; each step is an optimizer step of the run's
   effective batch (`accum_steps` micro-batches). fastai sweeps absolute rates from 1e-7 to 10;
-  here, where the stage's peaks are known, the sweep starts where the loss begins to move (the
-  README's first sweep, from 1e-7 of the peaks, spent 60 of its 100 steps on the flat part and
-  ended before the loss turned). The suggestion is fastai's `valley` on the curve trimmed as
+  here, where the stage's peaks are known, the sweep runs relative to them and far enough past
+  them to see the loss turn (the README's first sweep, from 1e-7 to 10 times the peaks, ended
+  before it turned). On a head that starts at zero its first decades are still flat, which the
+  valley's tolerance keeps the suggestion off (`valley`). The suggestion is fastai's `valley` on the curve trimmed as
   `lr_find` trims it (its first tenth and last 5 points): in simulations of noisy losses, the
   steepest slope over the whole curve picked one of the first 10 steps in over 80% of trials,
   the trimmed valley in none. Beside it, the rate at the smoothed loss's minimum divided by 10.
