@@ -35,13 +35,14 @@ from .prediction import Prediction, top_predictions
 
 
 class OnnxPredictor:
-    def __init__(self, model: str | Path, meta: dict, threads: int = 1):
+    def __init__(self, model: str | Path | bytes, meta: dict, threads: int = 1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        model = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.classes, self.store_size = list(meta["classes"]), int(meta["store_size"])
         self.superclasses, self.fine_to_coarse = meta.get("superclasses"), meta.get("fine_to_coarse")
         self.has_cams = "cams" in meta.get("outputs", [])
@@ -59,11 +60,12 @@ class OnnxPredictor:
                             "with python -m cifarlib.export CHECKPOINT --cams.") from None
         if not path.is_file():
             raise UserError(f"{path} does not exist: export the checkpoint with python -m cifarlib.export CHECKPOINT --cams.")
-        if meta.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
+        model = path.read_bytes()  # read once: the bytes checked are the bytes loaded, whatever writes the file after
+        if meta.get("sha256") and hashlib.sha256(model).hexdigest() != meta["sha256"]:
             raise UserError(f"{path} is not the model its sidecar {sidecar.name} describes (their hashes differ: one of "
                             "them was written by another export, or the export was cut short): export the checkpoint "
                             "again with python -m cifarlib.export CHECKPOINT --cams.")
-        return cls(path, meta, threads)
+        return cls(model, meta, threads)
 
     def _run(self, images, top_k: int) -> tuple[bool, list[Prediction], list[np.ndarray] | None]:
         if top_k < 1:
