@@ -424,6 +424,26 @@ def test_the_last_stage_is_fitted_again_at_its_epoch_boundaries_at_its_own_pace(
     assert tight.stages[1]["steps"] == 100  # 1 step of 0.6 s would bring a 30-s row: the stage ends here
 
 
+def test_a_refit_that_ends_the_last_stage_is_in_the_save_so_a_resume_trains_nothing_more(tmp_path, monkeypatch):
+    """The last stage fitted again at its first epoch boundary, with no time left: it ends there.
+    The row's save must say so (the run is done, its config the refitted one), or a resume, after
+    a kill or of the finished run, would train the stage the old plan had left."""
+    from cifarlib.training import prepare as prepare_module
+    real = budget.refit_last
+    monkeypatch.setattr(prepare_module.budget, "refit_last",
+                        lambda plan, done, cost, spent_s: real(plan, done, cost, plan.budget_minutes * 60))
+    run = train.prepare(tiny(tmp_path, "ends", budget_minutes=0.6, max_train_samples=96))
+    assert run.cfg.stages[-1].epochs >= 2  # planned for more than the one row it will write
+    rows = list(train.epochs(run))
+    assert [r["stage"] for r in rows].count("top") == 1  # one row of the last stage: it ended at its first boundary
+    saved = checkpoints.load(run.dir / "last.pt")
+    assert (saved["resume"]["next_stage"], saved["resume"]["next_epoch"]) == (2, 0)
+    assert saved["config"]["stages"][-1]["epochs"] == 1
+    monkeypatch.undo()
+    again = train.prepare(tiny(tmp_path, "ends", budget_minutes=0.6, max_train_samples=96, resume=True))
+    assert list(train.epochs(again)) == []
+
+
 def test_a_schedule_resized_under_way_goes_on_from_where_it_stood(tmp_path):
     from cifarlib.training import optimizer
     cfg, stage = make_config("cpu"), make_config("cpu").stages[1]

@@ -95,10 +95,7 @@ def _stage(run: Run, stop: guard.StopSignals) -> Iterator[dict[str, Any]]:
     if run.stage is None or run.stage.index != run.at.stage:
         run.stage = _start_stage(run)
     while run.stage.index == run.at.stage:
-        row = _epoch(run, stop)
-        if _refits(run):
-            _refit_stage(run)
-        yield row
+        yield _epoch(run, stop)
 
 
 def _refits(run: Run) -> bool:
@@ -203,8 +200,8 @@ def _act_on(run: Run, pos: Position, event: str, stop: guard.StopSignals) -> Non
 
 
 def _end_epoch(run: Run, pos: Position, start: float, began: tuple[int, float]) -> dict[str, Any]:
-    """Validation, early stopping, the history row, the pace measured, where training goes on,
-    and the save."""
+    """Validation, early stopping, the history row, the pace measured, where training goes on (a
+    budget's last stage fitted again), and the save."""
     cfg, st = run.cfg, run.stage
     loss_sum, seen = runtime.sum_over_ranks(pos.loss_sum, pos.seen)
     t0 = time.perf_counter()
@@ -222,6 +219,8 @@ def _end_epoch(run: Run, pos: Position, start: float, began: tuple[int, float]) 
     run.history.append(row)
     run.at = _next(run.at, stage_rows(st.stage, steps_per_epoch(run)), st.patience.exhausted(cfg.patience),
                    cfg.stop_ends_run, len(cfg.stages))
+    if _refits(run):  # before the save: it holds the refitted plan, schedule and where training goes on
+        _refit_stage(run)
     improved = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
     state = runstate.resume_state(run, st, None)
