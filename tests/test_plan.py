@@ -132,8 +132,10 @@ def test_what_a_device_cannot_run_is_refused_before_anything_loads(monkeypatch, 
 def test_the_plan_is_printed_and_recorded_where_the_runs_table_reads_it(root, references, capsys):
     folder = references("gpu")
     assert "device plan: cpu, bf16, fused optimizer, channels_last, a check every 5 optimizer steps" in capsys.readouterr().out
-    plan = {"device": "cpu", "precision": "bf16", "fused": True, "channels_last": True, "check_every": 5}
     saved = checkpoints.read_json(folder / "config.json")
+    plan = {"device": "cpu", "precision": "bf16", "fused": True, "channels_last": True, "check_every": 5,
+            "data_on": "device", "order": "shuffle", "data_why": saved["plan"]["data_why"]}
+    assert saved["plan"]["data_why"].startswith("0.0 GB of pictures fit in half of the")
     assert saved["plan"] == plan and checkpoints.load(folder / "last.pt")["config"]["plan"] == plan
     assert config.from_dict(saved).plan == plan and (saved["precision"], saved["fused"]) == ("bf16", True)
     row = runs.table(str(root / "ckpt")).set_index("run").loc[folder.name]

@@ -1,5 +1,5 @@
-"""CIFAR-100 / CIFAR-10 (or a folder of your pictures) as device-resident uint8 tensors, split
-and batched without workers.
+"""CIFAR-100 / CIFAR-10 (or a folder of your pictures) as uint8 tensors, split and batched
+without workers: on the training device where they fit, else in the host's memory or on disk.
 
     data = load_cifar("cifar100", "data")          # or "cifar10", "synthetic", "folder"
     data.train.images   # (45000, 3, 32, 32) uint8 on the training device
@@ -13,6 +13,8 @@ fetches and checks the data ahead of time. Image folders are read by `cifarlib.d
 from __future__ import annotations
 
 import pickle
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -104,8 +106,10 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
                val_fraction: float = 0.1, seed: int = 0, max_train_samples: int | None = None,
                max_eval_samples: int | None = None, verify_checksums: bool = True,
                download: bool = True, device: str | torch.device = "auto", store_size: int = 32,
-               cache_dir: str | Path = "data", splits: tuple[str, ...] = SPLITS) -> CifarData:
-    """Load a dataset, split off validation, cap the splits, and move everything to `device`.
+               cache_dir: str | Path = "data", splits: tuple[str, ...] = SPLITS, data_on: str = "auto") -> CifarData:
+    """Load a dataset, split off validation, cap the splits, and place them for `device`: the
+    pictures where `data_on` says (`runtime.place_data`: the device, the host's memory, or, for
+    a folder, the memory-mapped image cache on disk), the labels on the device.
 
     `data_dir` follows the path rule of `cifarlib.core.runtime`. Sources are tried in order: the
     extracted folder, the official tarball, a download (see `cifarlib.data.sources`). "synthetic"
@@ -121,8 +125,8 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
                                         "max_eval_samples": max_eval_samples})
     if dataset == "folder":
         return folders.load_folder(data_dir, cache_dir=cache_dir, store_size=store_size, val_fraction=val_fraction,
-                           seed=seed, max_train_samples=max_train_samples,
-                           max_eval_samples=max_eval_samples, splits=splits, device=device)
+                                   seed=seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                                   splits=splits, device=device, data_on=data_on)
     if store_size != 32:
         raise UserError(f"store_size={store_size!r} applies to dataset='folder'; {dataset} images are "
                         "32 px. Leave store_size at 32 (image_size sets the model's input size).")
@@ -157,15 +161,90 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
 
     train, val, test = pick_splits(full_train, None, test, val_fraction, seed, max_train_samples, max_eval_samples)
     data = CifarData(dataset, folder, classes, superclasses, train, val, test, fine_to_coarse)
-    return data.to(runtime.pick_device(device))
+    dev = runtime.pick_device(device)
+    where, why = runtime.place_data(data_on, data.nbytes, dev, cached=False)
+    return data.place(where, dev, why)
+
+
+BLOCK_BYTES = 4 << 20  # "block" order: pictures that lie together in the cache, read as one
+WINDOW_BLOCKS = 16     # "block" order: blocks whose pictures are shuffled together
+
+
+def block_order(n: int, block: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """A quasi-random order of `n` pictures, FFCV's for files bigger than memory: the blocks of
+    `block` pictures that lie together (0..block-1, block..2*block-1, ...) in a shuffled order,
+    then the pictures within each run of `window` blocks shuffled together.
+
+    What it does to the batches: every picture comes once an epoch, as in a full shuffle, and
+    the blocks' order is new each epoch; but a batch draws its pictures from `window` blocks (a
+    full shuffle draws them from the whole split), so pictures stored near each other (the same
+    class folder, shot one after another) tend to share batches more often. The window of a few
+    tens of megabytes is read from the disk in large runs, and stays in the page cache while its
+    batches use it."""
+    count = -(-n // block)
+    blocks = torch.randperm(count, generator=generator)
+    index = (blocks[:, None] * block + torch.arange(block)).flatten()
+    window_of = (torch.arange(count)[:, None] // window).expand(count, block).flatten()  # by the block's turn
+    index, window_of = index[index < n], window_of[index < n]
+    keys = window_of.double() + torch.rand(len(index), generator=generator, dtype=torch.float64)
+    return index[keys.argsort()]
+
+
+def _gathered(images: torch.Tensor, order: torch.Tensor, b: int, picks: range, device: torch.device,
+              ahead: int) -> Iterator[torch.Tensor]:
+    """The pictures of batches `picks` of `order`, gathered on the host (in the host's memory, or
+    read from a memory-mapped cache, in the file's order) into buffers bound for `device`
+    (pinned for CUDA): `ahead` batches ahead by a background thread, or here with 0. The thread
+    stops when the batches are no longer wanted."""
+    def gather(i: int) -> torch.Tensor:
+        idx = order[i * b: min((i + 1) * b, len(order))]
+        rows, back = idx.sort()
+        out = runtime.host_empty((len(idx), *images.shape[1:]), device)
+        out[back] = images[rows]  # read in the file's order, put in the batch's
+        return out
+
+    if not ahead:
+        yield from map(gather, picks)
+        return
+    box: queue.Queue = queue.Queue(maxsize=ahead)
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            for i in picks:
+                x = gather(i)
+                while not done.is_set():
+                    try:
+                        box.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            box.put(e)
+
+    threading.Thread(target=work, name="gather", daemon=True).start()
+    try:
+        for _ in picks:
+            x = box.get()
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        done.set()
 
 
 @dataclass
 class Batches:
-    """Batches of a device-resident split, indexed on its device: no workers, no per-sample Python.
+    """Batches of a split, indexed on its device when the pictures are there: no workers, no
+    per-sample Python. Pictures that live elsewhere (the host's memory, the image cache on disk)
+    are gathered on the host, `ahead` batches ahead by a background thread, and copied over
+    without a host wait; the labels are always indexed on their device, which the batches go to.
 
     `epoch(e)` shuffles with a generator seeded by (`seed`, `e`), so any epoch can be replayed,
-    for example after a resume. With `drop_last`, a split smaller than one batch still gives one
+    for example after a resume: a full shuffle, or with `block`, `block_order` (for pictures on
+    a disk bigger than memory). With `drop_last`, a split smaller than one batch still gives one
     (smaller) batch rather than none.
     """
     split: Split
@@ -173,6 +252,8 @@ class Batches:
     shuffle: bool = False
     drop_last: bool = False
     seed: int = 0
+    block: bool = False   # with `shuffle`: the quasi-random `block_order`
+    ahead: int = 0        # batches gathered ahead by a background thread (0: when asked, in this thread)
 
     def __len__(self) -> int:
         n, b = len(self.split), self.batch_size
@@ -182,9 +263,13 @@ class Batches:
 
     def order(self, epoch: int = 0) -> torch.Tensor:
         """The epoch's sample order, on the CPU (a run interrupted mid-epoch saves it)."""
-        if self.shuffle:
-            return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        return torch.arange(len(self.split))
+        if not self.shuffle:
+            return torch.arange(len(self.split))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.block:
+            per = max(1, BLOCK_BYTES // max(1, self.split.images[0].nbytes if len(self.split) else 1))
+            return block_order(len(self.split), per, WINDOW_BLOCKS, g)
+        return torch.randperm(len(self.split), generator=g)
 
     def epoch(self, epoch: int = 0, order: torch.Tensor | None = None, start: int = 0,
               end: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -192,13 +277,22 @@ class Batches:
         the epoch's own)."""
         n, b = len(self.split), self.batch_size
         order = self.order(epoch) if order is None else order
-        order = runtime.to_device(order, self.split.labels.device)  # one copy, without a host wait
-        for i in range(start, len(self) if end is None else min(end, len(self))):
-            idx = order[i * b: min((i + 1) * b, n)]
-            yield self.split.images[idx], self.split.labels[idx]
+        device = self.split.labels.device
+        on = runtime.to_device(order, device)  # one copy, without a host wait
+        picks = range(start, len(self) if end is None else min(end, len(self)))
+        if self.split.images.device == device and not self.ahead:
+            for i in picks:
+                idx = on[i * b: min((i + 1) * b, n)]
+                yield self.split.images[idx], self.split.labels[idx]
+            return
+        pictures = _gathered(self.split.images, order, b, picks, device, self.ahead)
+        try:
+            for i, x in zip(picks, pictures):
+                yield runtime.to_device(x, device), self.split.labels[on[i * b: min((i + 1) * b, n)]]
+        finally:
+            pictures.close()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Each `iter()` is the next epoch (0, 1, ...); `epoch(e)` replays any one."""
         self._next = getattr(self, "_next", -1) + 1
         return self.epoch(self._next)
-

@@ -232,19 +232,6 @@ def list_folder(root: Path) -> Listing:
     return out
 
 
-def _check_fits(n: int, size: int, device: torch.device) -> None:
-    """Refuse, before decoding, a dataset that would not leave room for training on `device`. A
-    first load holds one copy of the images in memory (see `cifarlib.data.imagecache`), and the splits
-    are views of it."""
-    need = n * 3 * size * size
-    known = [m for m in (runtime.available_memory(device), runtime.available_memory(torch.device("cpu"))) if m is not None]
-    free = min(known) if known else None
-    if free is not None and need > free // 2:
-        raise UserError(f"{n:,} images at store_size={size} take {need / 1e9:.1f} GB as uint8, more than half "
-                        f"of the {free / 1e9:.1f} GB free on {device} (the rest is for the model). Lower "
-                        "store_size, or pick fewer images with max_train_samples (and max_eval_samples).")
-
-
 def _usable(listing: Listing, name: str, split: Split, files: torch.Tensor, images: torch.Tensor,
             reasons: list[str]) -> Split:
     """The images of split `name` (file indices and labels) whose files decoded; `reasons` are
@@ -271,9 +258,11 @@ def _usable(listing: Listing, name: str, split: Split, files: torch.Tensor, imag
 def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_size: int = 32,
                 val_fraction: float = 0.1, seed: int = 0, max_train_samples: int | None = None,
                 max_eval_samples: int | None = None, splits: tuple[str, ...] = SPLITS,
-                device: str | torch.device = "auto") -> CifarData:
-    """The dataset at `data_dir` as `CifarData` on `device` (see the module docstring); only
-    the `splits` named are decoded, the others are empty. Use it through `load_cifar`."""
+                device: str | torch.device = "auto", data_on: str = "auto") -> CifarData:
+    """The dataset at `data_dir` as `CifarData` for `device` (see the module docstring); only
+    the `splits` named are decoded, the others are empty. The pictures are placed where
+    `data_on` says (`runtime.place_data`), decided before decoding from their size; on disk
+    they stay in the image cache, memory-mapped. Use it through `load_cifar`."""
     if not isinstance(store_size, int) or isinstance(store_size, bool) or store_size < 1:
         raise UserError(f"store_size must be a positive whole number of pixels, not {store_size!r}.")
     if not set(splits) <= set(SPLITS):
@@ -290,15 +279,16 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
     # decoded side by side, and are a view of what was decoded
     files = torch.tensor(list(dict.fromkeys(torch.cat([s.images for s in picked.values()]).tolist())),
                          dtype=torch.int64)
-    _check_fits(len(files), store_size, dev)
+    where, why = runtime.place_data(data_on, len(files) * 3 * store_size * store_size, dev)
     if listing.skipped:
         notice(f"{len(listing.skipped)} file(s) or folder(s) are ignored: "
                + "; ".join(listing.skipped[:3]) + ("; ..." if len(listing.skipped) > 3 else ""))
     with runtime.main_process_first():
         images, reasons = imagecache.load(listing.root, listing.paths, listing.sizes, listing.mtimes,
-                                          files.tolist(), store_size, cache, may_write=runtime.is_main_process())
+                                          files.tolist(), store_size, cache, may_write=runtime.is_main_process(),
+                                          contiguous=where == "disk")
     out = {name: _usable(listing, name, split, files, images, reasons) for name, split in picked.items()}
     failed = [f"{listing.paths[i]}: {r}" for i, r in zip(files.tolist(), reasons) if r]
     data = CifarData("folder", listing.root, listing.classes, None, out["train"], out["val"], out["test"],
                      skipped=tuple(listing.skipped + failed))
-    return data.to(dev)
+    return data.place(where, dev, why)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..core import runtime
+from . import imagecache
+
 SPLITS = ("train", "val", "test")
 
 
@@ -34,6 +37,27 @@ class Split:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Split(move(self.images), move(self.labels), move(self.coarse_labels))
 
+    def every(self, start: int, stop: int, step: int) -> Split:
+        """Samples `start`, `start + step`, ... before `stop`, as views: a shard of pictures that
+        stay on disk stays there."""
+        pick = lambda t: None if t is None else t[start:stop:step]  # noqa: E731
+        return Split(pick(self.images), pick(self.labels), pick(self.coarse_labels))
+
+    def place(self, data_on: str, device: torch.device) -> Split:
+        """The labels on `device`; the images on it too (`data_on="device"`), in the host's
+        memory (`"host"`, pinned for CUDA), or left where they are (`"disk"`: the memory-mapped
+        image cache, or memory where the cache could not be written). Images are read from a
+        cache file with plain reads (`imagecache.read`), never twice in memory at once."""
+        images, mapped = self.images, imagecache.is_mapped(self.images)
+        if data_on == "device":
+            images = (imagecache.read(images, lambda shape: runtime.host_empty(shape, device)) if mapped
+                      else images).to(device)
+        elif data_on == "host":
+            images = (imagecache.read(images, lambda shape: runtime.host_empty(shape, device)) if mapped
+                      else runtime.on_host(images, device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Split(images, move(self.labels), move(self.coarse_labels))
+
 
 @dataclass(frozen=True)
 class CifarData:
@@ -46,6 +70,8 @@ class CifarData:
     test: Split
     fine_to_coarse: torch.Tensor | None = field(default=None, repr=False)  # (num_classes,)
     skipped: tuple[str, ...] = field(default=(), repr=False)  # image folders: "path: reason"
+    data_on: str = "device"        # where the pictures live: "device", "host" or "disk" (`runtime.place_data`)
+    data_why: str = ""             # why, in words
 
     @property
     def num_classes(self) -> int:
@@ -55,6 +81,16 @@ class CifarData:
         f2c = None if self.fine_to_coarse is None else self.fine_to_coarse.to(device)
         return replace(self, train=self.train.to(device), val=self.val.to(device),
                        test=self.test.to(device), fine_to_coarse=f2c)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.images.nbytes for s in (self.train, self.val, self.test))
+
+    def place(self, data_on: str, device: torch.device, why: str = "") -> CifarData:
+        """Every split placed as `Split.place` says, one at a time."""
+        f2c = None if self.fine_to_coarse is None else self.fine_to_coarse.to(device)
+        return replace(self, train=self.train.place(data_on, device), val=self.val.place(data_on, device),
+                       test=self.test.place(data_on, device), fine_to_coarse=f2c, data_on=data_on, data_why=why)
 
 
 def _quotas(counts: torch.Tensor, total: int) -> torch.Tensor:

@@ -105,6 +105,8 @@ class Config:
     data_dir: str = "data"        # relative paths are from the project root; for "folder", your pictures
     store_size: int = 32          # "folder": pixels each picture is stored at on the device (CIFAR is 32)
     cache_dir: str = "data"       # "folder": where archives are extracted and decoded pictures cached
+    data_on: str = "auto"         # where training pictures live: "auto", "device", "host" (RAM) or "disk" ("folder": the cache)
+    order: str = "auto"           # batches' order: "auto", "shuffle", or "block" (quasi-random, for a cache bigger than RAM)
     verify_checksums: bool = True
     backbone: str = "resnet50"    # any torchvision or timm model name
     weights: str = "imagenet"     # "imagenet", "none", or a path to a state_dict file
@@ -146,7 +148,7 @@ class Config:
 # Where a run's files are and what runs it: a resume command's values for these replace the saved
 # ones, since a run may continue on another machine, device or plan. Every other setting is the
 # run's recipe, which a resumed run keeps.
-RESUME_OVERRIDES = ("device", "compile", "data_dir", "cache_dir", "checkpoint_dir", "verify_checksums",
+RESUME_OVERRIDES = ("device", "compile", "data_dir", "cache_dir", "data_on", "checkpoint_dir", "verify_checksums",
                     "save_every_minutes", "precision", "fused", "channels_last", "check_every")
 NOT_SETTINGS = ("plan", "given")  # Config fields that training fills in
 
@@ -295,6 +297,9 @@ def _auto(overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def _check_plan_settings(values: dict[str, Any]) -> None:
     """The device plan's settings, checked for their form; whether the device can run them is
     checked when the plan is resolved (`cifarlib.core.runtime.resolve_plan`)."""
+    for key, choices in (("data_on", runtime.DATA_ON), ("order", runtime.ORDERS)):
+        if values.get(key, "auto") not in choices:
+            raise UserError(f"{key} must be one of {', '.join(map(repr, choices))}, not {values[key]!r}.")
     if values.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32', not {values['precision']!r}.")
     for key in ("fused", "channels_last"):

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True ("eager" counts graphs cheaply)
 NO_BAD_STEP = 1 << 62  # first bad batch b is carried as NO_BAD_STEP - b, so that a MAX finds the first
+AHEAD = 4  # batches gathered ahead on the host, for pictures off the device
 TRACE_POINTS = 200  # at most about this many points of the trace an epoch (at checks, so every few checks)
 
 
@@ -76,8 +77,15 @@ def train_mode(model: nn.Module, frozen_bn: str = "eval") -> None:
             m.eval()
 
 
+def ahead(run: Run) -> int:
+    """Batches gathered ahead by a background thread: AHEAD for pictures that live off the
+    device (the host's memory, the disk), none for pictures on the device (a batch is a slice)."""
+    return 0 if run.plan.data_on == "device" else AHEAD
+
+
 def train_loader(run: Run) -> Batches:
-    return Batches(run.train, run.cfg.batch_size, shuffle=True, drop_last=True, seed=run.cfg.seed)
+    return Batches(run.train, run.cfg.batch_size, shuffle=True, drop_last=True, seed=run.cfg.seed,
+                   block=run.plan.order == "block", ahead=ahead(run))
 
 
 def steps_per_epoch(run: Run) -> int:
@@ -196,7 +204,7 @@ def validate(run: Run, model: nn.Module) -> tuple[float, float]:
     model.eval()
     mean, std = run.aug.mean, run.aug.std
     loss, correct, seen = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0
-    for x, y in Batches(run.val, run.cfg.eval_batch_size).epoch(0):
+    for x, y in Batches(run.val, run.cfg.eval_batch_size, ahead=ahead(run)).epoch(0):
         scores = logits(model, x, run.aug.size, mean, std, plan=run.plan)  # the stage's size
         loss += F.cross_entropy(scores, y, reduction="sum")
         correct += (scores.argmax(1) == y).sum()

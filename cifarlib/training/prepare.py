@@ -34,7 +34,7 @@ def _shard(split: Split, rank: int, world: int, what: str, equal: bool = False) 
                         f"least one. Raise {'max_train_samples' if what == 'training' else 'max_eval_samples'} "
                         f"to {world} or more, or start fewer processes.")
     n = len(split) // world * world if equal else len(split)
-    return split if world == 1 else split.subset(torch.arange(rank, n, world))
+    return split if world == 1 else split.every(rank, n, world)  # views: pictures on disk stay there
 
 
 # --- before training -----------------------------------------------------------------------------
@@ -57,6 +57,7 @@ def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> R
         cfg = replace(cfg, run_name=runtime.broadcast_object(name))  # one name, whatever the ranks' clocks
     plan = runtime.resolve_plan(cfg.device, cfg.precision, cfg.fused, cfg.channels_last, cfg.check_every)
     budget_plan = (cfg.plan or {}).get("budget") if saved else None  # a resumed run keeps its plan
+    order = (cfg.plan or {}).get("order") if saved and cfg.order == "auto" else None  # and its batches' order
     cfg = replace(cfg, plan={**plan.to_dict(), **({"budget": budget_plan} if budget_plan else {})})
     if folder:
         checkpoints.check_writable(cfg.checkpoint_dir)  # on every rank: none may wait for one that failed
@@ -64,7 +65,10 @@ def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> R
     data = load_cifar(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
                       verify_checksums=cfg.verify_checksums, device=plan.device, store_size=cfg.store_size,
-                      cache_dir=cfg.cache_dir)
+                      cache_dir=cfg.cache_dir, data_on=cfg.data_on)
+    plan = replace(plan, data_on=data.data_on, data_why=data.data_why,
+                   order=order or runtime.resolve_order(cfg.order, data.data_on, data.nbytes))
+    cfg = replace(cfg, plan={**cfg.plan, **plan.to_dict()})
     if saved and list(saved["classes"]) != data.classes:
         raise UserError(f"cannot resume: the classes in {data.folder} are no longer the run's.\n"
                         f"  the run's:  {', '.join(saved['classes'])}\n  the data's: {', '.join(data.classes)}")

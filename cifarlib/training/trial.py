@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import runtime
+from ..data.datasets import Batches
 from ..model.inference import logits
 from .budget import StageCost
 from .config import stage_image_size
@@ -81,9 +82,9 @@ def _stage_run(run: Run, si: int, schedule_steps: int) -> StageRun:
 def _validation_seconds(run: Run, size: int, batches: int = 3) -> float:
     """One validation pass at `size`: the median time of `batches` full batches (after one of
     warm-up), times the number of batches the split makes."""
-    x = run.val.images[: run.cfg.eval_batch_size]
-    if not len(x):
+    if not len(run.val):
         return 0.0
+    x = next(iter(Batches(run.val, run.cfg.eval_batch_size).epoch(0)))[0]  # on the device, wherever the pictures live
     run.model.eval()
     times = []
     for _ in range(batches + 1):
