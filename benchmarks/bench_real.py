@@ -57,13 +57,21 @@ def warm_cache(data: str, kv: dict) -> None:
                store_size=kv.get("store_size", 32), cache_dir=kv.get("cache_dir", "data"), device="cpu")
 
 
-def ours(data: str, weights: str, kv: dict) -> dict:
+# `--block-bytes`: the training command with blocks of another size in `order=block` (a module
+# constant, not a setting: the benchmark bounds the block order's effect with small blocks)
+BLOCKS_CHILD = ("import sys; import cifarlib.data.datasets as d; d.BLOCK_BYTES = int(sys.argv.pop(1)); "
+                "from cifarlib.training.train import main; main()")
+
+
+def ours(data: str, weights: str, kv: dict, block_bytes: int | None = None) -> dict:
     from cifarlib.evaluation import runs
     from cifarlib.model import checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         args = {"preset": "cpu", "dataset": "folder", "data_dir": data, "weights": weights, **DEFAULTS, **kv,
                 "checkpoint_dir": tmp, "run_name": "bench"}
         cmd = [sys.executable, "-m", "cifarlib.train", *[f"{k}={v}" for k, v in args.items()]]
+        if block_bytes:
+            cmd[1:3] = ["-c", BLOCKS_CHILD, str(block_bytes)]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         command_s = time.perf_counter() - t0
@@ -194,6 +202,7 @@ def main() -> None:
     p.add_argument("--reference-head", choices=("default", "zero"), default="default",
                    help="the plain loop's new head: as timm makes it (default, what a user's loop does) or at zero")
     p.add_argument("--out", metavar="FILE", help="also append the JSON line to FILE")
+    p.add_argument("--block-bytes", type=int, help="order=block's block size in bytes (default: the library's 4 MB)")
     p.add_argument("--plain-loop", metavar="OUT", help=argparse.SUPPRESS)  # the timed child process
     p.add_argument("settings", nargs="*", help="key=value overrides (as for python -m cifarlib.train)")
     a = p.parse_intermixed_args()
@@ -208,7 +217,9 @@ def main() -> None:
     if any(k.startswith("reference_") for k in kv) and not (a.reference or a.plain_loop):
         raise SystemExit("--reference-head and reference_* settings apply to the plain loop: add --reference")
     warm_cache(data, {**kv, "store_size": 32} if a.reference else kv)
-    result = reference(data, weights, kv) if a.reference else ours(data, weights, kv)
+    result = reference(data, weights, kv) if a.reference else ours(data, weights, kv, a.block_bytes)
+    if a.block_bytes:
+        result["block_bytes"] = a.block_bytes
     result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                   load_average=[round(x, 2) for x in os.getloadavg()])
     print(json.dumps(result), flush=True)

@@ -244,3 +244,16 @@ def test_data_on_is_checked_and_cifar_has_no_disk(tmp_path):
         load_cifar("synthetic", tmp_path, device="cpu", data_on="disk")
     host = load_cifar("synthetic", tmp_path, device="cpu", data_on="host", max_train_samples=10, max_eval_samples=5)
     assert host.data_on == "host" and len(host.train) == 10
+
+
+def test_notebook_01s_figures_and_04s_evaluation_are_the_same_with_the_pictures_on_disk(folder, on_device, monkeypatch):
+    from cifarlib.evaluation import evaluate, plots
+    kw = dict(cache_dir=folder.parent / "cache", device="cpu")
+    in_memory, on_disk = (load_cifar("folder", folder, data_on=where, **kw) for where in ("device", "disk"))
+    assert on_disk.data_on == "disk" and plots.channel_stats(on_disk).equals(plots.channel_stats(in_memory))
+    assert plots.similar_class_pairs(on_disk) == plots.similar_class_pairs(in_memory)
+    expected = evaluate.evaluate_checkpoint(on_device / "best.pt", split="val", device="cpu").metrics
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 1000)  # the pictures go to disk
+    got = evaluate.evaluate_checkpoint(on_device / "best.pt", split="val", device="cpu")
+    assert imagecache.is_mapped(got.split.images)
+    assert {k: v for k, v in got.metrics.items() if k != "date"} == {k: v for k, v in expected.items() if k != "date"}

@@ -24,7 +24,7 @@ import torch
 
 from ..core import runtime
 from ..core.errors import UserError, notice
-from . import folders, sources, synthetic
+from . import folders, imagecache, sources, synthetic
 from .splits import SPLITS, CifarData, Split, pick_splits, split_train_val, stratified_pick  # noqa: F401
 
 DATASETS = ("cifar100", "cifar10", "synthetic", "folder")
@@ -196,11 +196,17 @@ def _gathered(images: torch.Tensor, order: torch.Tensor, b: int, picks: range, d
     read from a memory-mapped cache, in the file's order) into buffers bound for `device`
     (pinned for CUDA): `ahead` batches ahead by a background thread, or here with 0. The thread
     stops when the batches are no longer wanted."""
+    def batch_rows(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # sorted, and where each goes
+        return order[i * b: min((i + 1) * b, len(order))].sort()
+
     def gather(i: int) -> torch.Tensor:
-        idx = order[i * b: min((i + 1) * b, len(order))]
-        rows, back = idx.sort()
-        out = runtime.host_empty((len(idx), *images.shape[1:]), device)
-        out[back] = images[rows]  # read in the file's order, put in the batch's
+        if i == picks.start:
+            imagecache.prefetch(images, batch_rows(i)[0])
+        if i + 1 < picks.stop:  # the next batch read from the disk while this one is gathered
+            imagecache.prefetch(images, batch_rows(i + 1)[0])
+        index, back = batch_rows(i)
+        out = runtime.host_empty((len(back), *images.shape[1:]), device)
+        out[back] = images[index]  # read in the file's order, put in the batch's
         return out
 
     if not ahead:

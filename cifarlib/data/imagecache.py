@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..core import progress
+from ..core import progress, runtime
 from ..core.errors import UserError, notice, os_error
 from ..core.files import write_atomically
 from .preprocess import cifar_like
@@ -340,6 +340,9 @@ def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], pick
                             f"{need / 1e9:.2f} GB on disk at {path.parent}, which has {free / 1e9:.2f} GB free. "
                             "Free some space, choose another cache_dir, lower store_size, or pick fewer images with "
                             "max_train_samples.")
+        if contiguous and not may_write:
+            raise UserError(f"the image cache {path} is not up to date: the main process (rank 0) did not provide it, "
+                            "and the pictures are too big to decode into memory here.")
         cache, seconds = None, 0.0
         if may_write and free is None:
             try:
@@ -384,8 +387,35 @@ def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], pick
 
 def is_mapped(images: torch.Tensor) -> bool:
     """Whether `images` is a view of a cache file's mapping (else it is in memory)."""
-    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if images.device.type == "cpu" else None
+    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if runtime.is_host(images.device) else None
     return mapped is not None and mapped[0]() is not None
+
+
+GAP_BYTES = 1 << 20  # `prefetch`: pictures closer than this in the file are read in one request
+
+
+def prefetch(images: torch.Tensor, rows: torch.Tensor) -> None:
+    """Ask the kernel to read pictures `rows` (sorted) of `images`, a view of a cache file, into
+    the page cache now, in as few large reads as their places allow (ranges closer than
+    `GAP_BYTES` merged), so that gathering them later finds them there: a page fault reads only
+    a little at a time. Nothing for pictures in memory, or where the system has no
+    `posix_fadvise`."""
+    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if len(rows) else None
+    if mapped is None or mapped[0]() is None or not hasattr(os, "posix_fadvise"):
+        return
+    size, starts = images[0].nbytes, (images.storage_offset() + rows * images.stride(0)).tolist()
+    ranges = [[starts[0], starts[0] + size]]
+    for s in starts[1:]:
+        if s - ranges[-1][1] < GAP_BYTES:
+            ranges[-1][1] = s + size
+        else:
+            ranges.append([s, s + size])
+    fd = os.open(mapped[1], os.O_RDONLY)
+    try:
+        for start, end in ranges:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def read(images: torch.Tensor, alloc: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:

@@ -100,19 +100,33 @@ def plot_balance(table: pd.DataFrame):
     return fig
 
 
+def _in_chunks(images: torch.Tensor, per: int = 2048):
+    """`images` as float CPU chunks: pictures on disk, or bigger than memory, are read a chunk
+    at a time, never as one float copy (four times their size)."""
+    for start in range(0, len(images), per):
+        yield images[start:start + per].cpu().double()
+
+
 def channel_stats(d: CifarData) -> pd.DataFrame:
     """Per-channel mean and std of each split that has images, as fractions of 255."""
     rows = {}
     for name in (n for n in ("train", "val", "test") if len(getattr(d, n))):  # a folder may have no test/
-        x = getattr(d, name).images.float() / 255
+        images = getattr(d, name).images
+        total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for x in _in_chunks(images):
+            total += x.sum((0, 2, 3))
+            squares += x.square().sum((0, 2, 3))
+        count = images[:, 0].numel()
+        mean = total / count
+        std = ((squares - total * mean) / max(count - 1, 1)).clamp_min(0).sqrt()
         for c, channel in enumerate("RGB"):
-            rows[(name, channel)] = {"mean": x[:, c].mean().item(), "std": x[:, c].std().item()}
+            rows[(name, channel)] = {"mean": mean[c].item() / 255, "std": std[c].item() / 255}
     return pd.DataFrame(rows).T.rename_axis(["split", "channel"])
 
 
 def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
     """The `n` pairs of classes whose mean training images (8x8) are closest: look-alikes."""
-    x = torch.nn.functional.avg_pool2d(d.train.images.float().cpu(), 4).flatten(1)
+    x = torch.cat([torch.nn.functional.adaptive_avg_pool2d(c.float(), 8).flatten(1) for c in _in_chunks(d.train.images)])
     labels = d.train.labels.cpu()
     means = torch.zeros(d.num_classes, x.shape[1]).index_add_(0, labels, x)
     means /= torch.bincount(labels, minlength=d.num_classes).clamp_min(1).unsqueeze(1)
