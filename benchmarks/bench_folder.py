@@ -67,7 +67,7 @@ def main() -> None:
         result["skipped"] = len(data.skipped)
         cached = [timed(load)[1] for _ in range(args.repeats)]
         result["cached_load"] = {"seconds": statistics.median(c["seconds"] for c in cached), "runs": cached}
-        result["cache_bytes"] = sum(f.stat().st_size for f in (cache / "image-cache").glob("*.pt"))
+        result["cache_bytes"] = sum(f.stat().st_size for f in (cache / "image-cache").glob("*.u8"))
         print(json.dumps(result, indent=2))
     finally:
         if not args.cache_dir:

@@ -102,3 +102,15 @@ def test_pace_prints_the_step_time_the_readme_compares_runs_by(monkeypatch, caps
     result = pace.main(["--steps", "1", "--imports", "0"])
     assert json.loads(capsys.readouterr().out) == result
     assert result["resnet18_step_s"] > 0 and result["import_s"] is None and result["threads"] >= 1
+
+
+def test_stream_loader_benchmark_runs_on_a_tiny_cache(tmp_path):
+    """bench_stream.py loader with a cache of a few pictures: its file is written, read in both
+    orders, timed, and deleted."""
+    out = tmp_path / "stream.jsonl"
+    r = subprocess.run([sys.executable, "benchmarks/bench_stream.py", "loader", "--ram-times", "0.0002", "--seconds", "0.2",
+                        "--dir", str(tmp_path), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(out.read_text())
+    assert line["pictures"] > 0 and line["shuffle_images_per_s"] > 0 and line["block_images_per_s"] > 0
+    assert list(tmp_path.iterdir()) == [out]  # the cache and its folder are gone

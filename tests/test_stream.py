@@ -257,3 +257,11 @@ def test_notebook_01s_figures_and_04s_evaluation_are_the_same_with_the_pictures_
     got = evaluate.evaluate_checkpoint(on_device / "best.pt", split="val", device="cpu")
     assert imagecache.is_mapped(got.split.images)
     assert {k: v for k, v in got.metrics.items() if k != "date"} == {k: v for k, v in expected.items() if k != "date"}
+
+
+def test_the_budgets_probe_times_a_run_whose_pictures_are_on_disk(folder):
+    from cifarlib.training import trial
+    run = train.prepare(config(folder, "probe", data_on="disk", order="block"), folder=False)
+    assert run.plan.data_on == "disk" and imagecache.is_mapped(run.train.images)
+    costs = trial.probe(run, steps=2, warmup=1)
+    assert len(costs) == len(run.cfg.stages) and all(c.step_s > 0 and c.val_s > 0 for c in costs)

@@ -216,20 +216,22 @@ def _gathered(images: torch.Tensor, order: torch.Tensor, b: int, picks: range, d
     box: queue.Queue = queue.Queue(maxsize=ahead)
     done = threading.Event()
 
+    def hand(x) -> bool:  # False once the batches are no longer wanted
+        while not done.is_set():
+            try:
+                box.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for i in picks:
-                x = gather(i)
-                while not done.is_set():
-                    try:
-                        box.put(x, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
+                if not hand(gather(i)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            box.put(e)
+            hand(e)
 
     threading.Thread(target=work, name="gather", daemon=True).start()
     try:
