@@ -163,6 +163,10 @@ def test_a_split_on_disk_stays_mapped_when_sharded_and_predicts_as_on_the_device
     assert not imagecache.is_mapped(in_memory.train.images)
     shard = on_disk.train.every(1, 48, 2)
     assert imagecache.is_mapped(shard.images) and torch.equal(shard.images, in_memory.train.images[1:48:2])
+    for order in (False, True):  # read from the file (one picture a call at a stride), as sliced in memory
+        read = Batches(shard, 5, shuffle=True, block=order, ahead=2).epoch(1)
+        sliced = Batches(in_memory.train.every(1, 48, 2), 5, shuffle=True, block=order).epoch(1)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(read, sliced))
     model = build_model("test_resnet", 3, "none").eval()
     args = (32, (0.5,) * 3, (0.25,) * 3)
     assert torch.equal(inference.predict_split(model, on_disk.val, *args),

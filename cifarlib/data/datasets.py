@@ -200,14 +200,15 @@ def _gathered(images: torch.Tensor, order: torch.Tensor, b: int, picks: range, d
     step. The thread stops when the batches are no longer wanted."""
     pictures = images.numpy()  # a view: numpy's gather runs on this thread alone, without the GIL
 
+    depth = max(1, ahead)  # batches asked of the disk ahead of the one gathered
+
     def gather(i: int) -> torch.Tensor:
-        if i == picks.start:
-            imagecache.prefetch(images, order[i * b: (i + 1) * b].sort().values)
-        if i + 1 < picks.stop:  # the next batch read from the disk, in its order, while this one is gathered
-            imagecache.prefetch(images, order[(i + 1) * b: (i + 2) * b].sort().values)
+        for j in range(i if i == picks.start else i + depth, min(i + depth + 1, picks.stop)):
+            imagecache.prefetch(images, order[j * b: (j + 1) * b].sort().values)  # read while others are gathered
         index = order[i * b: min((i + 1) * b, len(order))]
         out = runtime.host_empty((len(index), *images.shape[1:]), device)
-        np.take(pictures, index.numpy(), axis=0, out=out.numpy())
+        if not imagecache.gather(images, index.numpy(), out.numpy()):  # the cache file: read, not faulted in
+            np.take(pictures, index.numpy(), axis=0, out=out.numpy())
         return out
 
     if not ahead:
