@@ -93,15 +93,17 @@ def write_cache(path: Path, count: int, size: int) -> None:
         f.write(trailer + len(trailer).to_bytes(8, "little") + imagecache.MAGIC)
 
 
-def read_speed(split: Split, block: bool, seconds: float) -> float:
+def read_speed(split: Split, block: bool, seconds: float) -> tuple[float, float]:
+    """Images/s delivered, and the CPU time spent (user and system, every thread) per second."""
     batches = Batches(split, 256, shuffle=True, block=block, ahead=4).epoch(0)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     for x, _ in batches:
         n += len(x)
         if time.perf_counter() - t0 > seconds:
             break
     batches.close()
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return n / wall, (time.process_time() - c0) / wall
 
 
 def sequential_speed(path: Path, seconds: float) -> float:
@@ -132,7 +134,8 @@ def loader_speed(ram_times: float, seconds: float, folder: str) -> dict:
                "free_memory_gb": round(runtime.available_memory(torch.device("cpu")) / 1e9, 1)}
         for name, block in (("shuffle", False), ("block", True)):
             evict(path)
-            out[f"{name}_images_per_s"] = round(read_speed(split, block, seconds), 1)
+            speed, cpu = read_speed(split, block, seconds)
+            out[f"{name}_images_per_s"], out[f"{name}_cpu_per_s"] = round(speed, 1), round(cpu, 2)
             print(json.dumps({name: out[f"{name}_images_per_s"]}), flush=True)
         out["sequential_mb_per_s"] = round(sequential_speed(path, seconds / 2) / 1e6, 1)
         out["sequential_images_per_s"] = round(out["sequential_mb_per_s"] * 1e6 / (3 * size * size), 1)

@@ -269,3 +269,24 @@ def test_the_budgets_probe_times_a_run_whose_pictures_are_on_disk(folder):
     assert run.plan.data_on == "disk" and imagecache.is_mapped(run.train.images)
     costs = trial.probe(run, steps=2, warmup=1)
     assert len(costs) == len(run.cfg.stages) and all(c.step_s > 0 and c.val_s > 0 for c in costs)
+
+
+def test_a_cache_rebuilt_under_a_mapped_split_leaves_it_its_pictures_and_a_crafted_trailer_is_rebuilt(tmp_path, capfd):
+    root = make_folder(tmp_path / "p", per_class=4)
+    kw = dict(cache_dir=tmp_path / "c", device="cpu", data_on="disk")
+    first = load_cifar("folder", root, **kw)
+    expected = first.train.images.clone()
+    other = load_cifar("folder", root, max_train_samples=3, **kw)  # another pick: the file is laid out again
+    assert len(other.train) == 3
+    batches = list(Batches(first.train, 4, ahead=2).epoch(0))  # read with the descriptor of the file it mapped
+    assert torch.equal(torch.cat([x for x, _ in batches]), expected)
+    (path,) = (tmp_path / "c" / "image-cache").glob("*.u8")
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[-24:-16], "little")
+    trailer = json.loads(raw[-24 - length:-24])
+    trailer["rows"] = [float(r) for r in trailer["rows"]]  # rows that are not whole numbers
+    crafted = json.dumps(trailer).encode()
+    path.write_bytes(raw[:-24 - length] + crafted + len(crafted).to_bytes(8, "little") + imagecache.MAGIC)
+    capfd.readouterr()
+    again = load_cifar("folder", root, **kw)
+    assert "is damaged" in capfd.readouterr().err and torch.equal(again.train.images, expected)

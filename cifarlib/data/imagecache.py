@@ -122,6 +122,9 @@ def _empty(size: int) -> Cache:
 
 
 def _consistent(c: Cache, size: int) -> bool:
+    whole = lambda xs: all(type(x) is int for x in xs)  # noqa: E731 - a crafted trailer may hold anything
+    if not (whole(c.rows) and whole(c.sizes) and whole(c.mtimes) and all(isinstance(x, str) for x in c.paths + c.reasons)):
+        return False
     n, rows = len(c.paths), torch.tensor(c.rows, dtype=torch.int64)
     return (c.images.dtype == torch.uint8 and tuple(c.images.shape[1:]) == (3, size, size)
             and len(c.sizes) == len(c.mtimes) == len(c.reasons) == len(rows) == n
@@ -130,7 +133,15 @@ def _consistent(c: Cache, size: int) -> bool:
 
 
 # The mapped caches, by the address their images start at: the map (while it lives) and its file.
-_MAPS: dict[int, tuple[weakref.ref, Path]] = {}
+# Each holds the file open: a cache rebuilt under the same name by another run (os.replace) leaves
+# this one reading the pictures it mapped, not the new file's.
+_MAPS: dict[int, tuple[weakref.ref, Path, int]] = {}
+
+
+def _file_of(images: torch.Tensor) -> tuple[Path, int] | None:
+    """The cache file that `images` is a view of, and a descriptor open on it; None in memory."""
+    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if runtime.is_host(images.device) else None
+    return None if mapped is None or mapped[0]() is None else mapped[1:]
 
 
 def _mapped(path: Path, count: int, size: int) -> torch.Tensor:
@@ -147,7 +158,9 @@ def _mapped(path: Path, count: int, size: int) -> torch.Tensor:
     with warnings.catch_warnings():  # torch warns of a read-only array: it is meant to be
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(mm)  # keeps `mm` alive as long as any view of it
-    _MAPS[t.untyped_storage().data_ptr()] = (weakref.ref(mm), path)
+    fd = os.open(path, os.O_RDONLY)
+    weakref.finalize(mm, os.close, fd)
+    _MAPS[t.untyped_storage().data_ptr()] = (weakref.ref(mm), path, fd)
     return t
 
 
@@ -396,8 +409,7 @@ def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], pick
 
 def is_mapped(images: torch.Tensor) -> bool:
     """Whether `images` is a view of a cache file's mapping (else it is in memory)."""
-    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if runtime.is_host(images.device) else None
-    return mapped is not None and mapped[0]() is not None
+    return _file_of(images) is not None
 
 
 GAP_BYTES = 1 << 20  # `prefetch`: pictures closer than this in the file are read in one request
@@ -409,8 +421,8 @@ def prefetch(images: torch.Tensor, rows: torch.Tensor) -> None:
     `GAP_BYTES` merged), so that gathering them later finds them there: a page fault reads only
     a little at a time. Nothing for pictures in memory, or where the system has no
     `posix_fadvise`."""
-    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if len(rows) else None
-    if mapped is None or mapped[0]() is None or not hasattr(os, "posix_fadvise"):
+    mapped = _file_of(images) if len(rows) else None
+    if mapped is None or not hasattr(os, "posix_fadvise"):
         return
     size, starts = images[0].nbytes, (images.storage_offset() + rows * images.stride(0)).tolist()
     ranges = [[starts[0], starts[0] + size]]
@@ -419,12 +431,8 @@ def prefetch(images: torch.Tensor, rows: torch.Tensor) -> None:
             ranges[-1][1] = s + size
         else:
             ranges.append([s, s + size])
-    fd = os.open(mapped[1], os.O_RDONLY)
-    try:
-        for start, end in ranges:
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+    for start, end in ranges:
+        os.posix_fadvise(mapped[1], start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 def gather(images: torch.Tensor, index: np.ndarray, out: np.ndarray) -> bool:
@@ -434,25 +442,20 @@ def gather(images: torch.Tensor, index: np.ndarray, out: np.ndarray) -> bool:
     because a gather through the mapping takes a page fault every 4 kB, which held the block
     order to a fifth of the disk's sequential speed (bench_stream.py loader). False, with
     nothing done, for pictures in memory (or without `preadv`): gather those otherwise."""
-    mapped = _MAPS.get(images.untyped_storage().data_ptr()) if len(index) else None
-    if mapped is None or mapped[0]() is None or not hasattr(os, "preadv"):
+    mapped = _file_of(images) if len(index) else None
+    if mapped is None or not hasattr(os, "preadv"):
         return False
     size, stride, base = images[0].nbytes, images.stride(0), images.storage_offset()
     turn = np.argsort(index, kind="stable")
     rows, flat = index[turn], out.reshape(len(out), -1)
-    fd = os.open(mapped[1], os.O_RDONLY)
-    try:
-        i = 0
-        while i < len(rows):
-            j = i + 1
-            while j < len(rows) and j - i < 512 and stride == size and rows[j] == rows[j - 1] + 1:
-                j += 1
-            want = size * (j - i)
-            if os.preadv(fd, [flat[turn[k]] for k in range(i, j)], base + int(rows[i]) * stride) != want:
-                raise UserError(f"the image cache {mapped[1]} was cut short while it was read; run again to rebuild it.")
-            i = j
-    finally:
-        os.close(fd)
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and j - i < 512 and stride == size and rows[j] == rows[j - 1] + 1:
+            j += 1
+        if os.preadv(mapped[1], [flat[turn[k]] for k in range(i, j)], base + int(rows[i]) * stride) != size * (j - i):
+            raise UserError(f"the image cache {mapped[0]} was cut short while it was read; run again to rebuild it.")
+        i = j
     return True
 
 
@@ -462,16 +465,12 @@ def read(images: torch.Tensor, alloc: Callable[[tuple[int, ...]], torch.Tensor] 
     are not counted a second time in this process's memory, as a copy through the mapping would
     be (the page cache holds them, and gives them back); anything else is copied."""
     out = alloc(tuple(images.shape)) if alloc else torch.empty(images.shape, dtype=torch.uint8)
-    mapped = _MAPS.get(images.untyped_storage().data_ptr())
-    if mapped is None or mapped[0]() is None or not images.is_contiguous():
+    mapped = _file_of(images)
+    if mapped is None or not images.is_contiguous() or not hasattr(os, "preadv"):
         return out.copy_(images)
-    flat = out.numpy().reshape(-1)
-    with open(mapped[1], "rb", buffering=0) as f:
-        f.seek(images.storage_offset())
-        done = 0
-        while done < len(flat):
-            got = f.readinto(memoryview(flat[done:done + CHUNK_BYTES]))
-            if not got:
-                raise UserError(f"the image cache {mapped[1]} was cut short while it was read; run again to rebuild it.")
-            done += got
+    flat, start = out.numpy().reshape(-1), images.storage_offset()
+    for done in range(0, len(flat), CHUNK_BYTES):
+        part = flat[done:done + CHUNK_BYTES]
+        if os.preadv(mapped[1], [part], start + done) != len(part):
+            raise UserError(f"the image cache {mapped[0]} was cut short while it was read; run again to rebuild it.")
     return out

@@ -1,4 +1,4 @@
-"""Datasets as device-resident uint8 tensors: `Split` and `CifarData`, and how splits are cut
+"""Datasets as uint8 tensors (on the device, in the host's memory or mapped from disk): `Split` and `CifarData`, and how splits are cut
 (stratified, seeded) and capped.
 
 A module of its own, below both `cifarlib.data.datasets` (CIFAR, and the entry point for every dataset)

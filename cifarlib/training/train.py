@@ -16,7 +16,7 @@ What runs how on the device (precision, fused optimizers, memory layout, how oft
 checks) is the run's device plan (`cifarlib.core.runtime.resolve_plan`), resolved once in `prepare`
 from the settings of the same names, printed, and recorded in config.json and every checkpoint.
 Under torchrun: DistributedDataParallel, each rank training on its own shard of the
-device-resident data; only rank 0 writes files. The steps themselves, and their scheduled
+training pictures (wherever they live); only rank 0 writes files. The steps themselves, and their scheduled
 checks, are in `cifarlib.training.loop`; the state they change, in `cifarlib.training.run`.
 
 The loop reads from the top down, one level per function: `epochs` runs the stages, `_stage`
