@@ -54,7 +54,8 @@ def warm_cache(data: str, kv: dict) -> None:
     from cifarlib.data.datasets import load_cifar
     load_cifar("folder", data, val_fraction=kv.get("val_fraction", 0.1), seed=kv.get("seed", 0),
                max_train_samples=kv.get("max_train_samples"), max_eval_samples=kv.get("max_eval_samples"),
-               store_size=kv.get("store_size", 32), cache_dir=kv.get("cache_dir", "data"), device="cpu")
+               store_size=kv.get("store_size", 32), cache_dir=kv.get("cache_dir", "data"), device="cpu",
+               data_on=kv.get("data_on", "auto"))  # pictures on disk: the cache laid out as the run reads it
 
 
 # `--block-bytes`: the training command with blocks of another size in `order=block` (a module
