@@ -16,7 +16,7 @@ from PIL import Image
 
 from cifarlib.core import runtime
 from cifarlib.core.errors import UserError
-from cifarlib.data import imagecache
+from cifarlib.data import imagecache, mapped
 from cifarlib.data.augment import BatchAugment
 from cifarlib.data.datasets import Batches, block_order, load_cifar
 from cifarlib.data.splits import Split
@@ -159,10 +159,10 @@ def test_gathered_batches_are_the_sliced_ones_and_the_thread_stops_and_reports(m
 def test_a_split_on_disk_stays_mapped_when_sharded_and_predicts_as_on_the_device(folder):
     on_disk = load_cifar("folder", folder, cache_dir=folder.parent / "cache", device="cpu", data_on="disk")
     in_memory = load_cifar("folder", folder, cache_dir=folder.parent / "cache", device="cpu", data_on="device")
-    assert on_disk.data_on == "disk" and imagecache.is_mapped(on_disk.train.images)
-    assert not imagecache.is_mapped(in_memory.train.images)
+    assert on_disk.data_on == "disk" and mapped.is_mapped(on_disk.train.images)
+    assert not mapped.is_mapped(in_memory.train.images)
     shard = on_disk.train.every(1, 48, 2)
-    assert imagecache.is_mapped(shard.images) and torch.equal(shard.images, in_memory.train.images[1:48:2])
+    assert mapped.is_mapped(shard.images) and torch.equal(shard.images, in_memory.train.images[1:48:2])
     for order in (False, True):  # read from the file (one picture a call at a stride), as sliced in memory
         read = Batches(shard, 5, shuffle=True, block=order, ahead=2).epoch(1)
         sliced = Batches(in_memory.train.every(1, 48, 2), 5, shuffle=True, block=order).epoch(1)
@@ -206,7 +206,7 @@ FIRST_LOAD = """
 import json, sys
 from pathlib import Path
 import psutil
-from cifarlib.data import imagecache
+from cifarlib.data import imagecache, mapped
 from cifarlib.data.datasets import load_cifar
 imagecache.CHUNK_BYTES = 8 << 20
 root, cache = Path(sys.argv[1]), Path(sys.argv[2])
@@ -214,7 +214,7 @@ base = psutil.Process().memory_info().rss
 d = load_cifar("folder", root, cache_dir=cache, store_size=512, val_fraction=0.25, device="cpu", data_on="disk")
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"above": peak - base, "final": sum(s.images.nbytes for s in (d.train, d.val, d.test)),
-                  "mapped": imagecache.is_mapped(d.train.images)}))
+                  "mapped": mapped.is_mapped(d.train.images)}))
 """
 
 
@@ -259,14 +259,14 @@ def test_notebook_01s_figures_and_04s_evaluation_are_the_same_with_the_pictures_
     expected = evaluate.evaluate_checkpoint(on_device / "best.pt", split="val", device="cpu").metrics
     monkeypatch.setattr(runtime, "available_memory", lambda device: 1000)  # the pictures go to disk
     got = evaluate.evaluate_checkpoint(on_device / "best.pt", split="val", device="cpu")
-    assert imagecache.is_mapped(got.split.images)
+    assert mapped.is_mapped(got.split.images)
     assert {k: v for k, v in got.metrics.items() if k != "date"} == {k: v for k, v in expected.items() if k != "date"}
 
 
 def test_the_budgets_probe_times_a_run_whose_pictures_are_on_disk(folder):
     from cifarlib.training import trial
     run = train.prepare(config(folder, "probe", data_on="disk", order="block"), folder=False)
-    assert run.plan.data_on == "disk" and imagecache.is_mapped(run.train.images)
+    assert run.plan.data_on == "disk" and mapped.is_mapped(run.train.images)
     costs = trial.probe(run, steps=2, warmup=1)
     assert len(costs) == len(run.cfg.stages) and all(c.step_s > 0 and c.val_s > 0 for c in costs)
 

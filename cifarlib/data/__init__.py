@@ -1,7 +1,8 @@
 """The pictures and their labels: CIFAR and folders of one's own pictures read, checked, split and
 cached as uint8 tensors (`datasets`, `sources`, `splits`, `folders`, `imagecache`, `synthetic`,
-`classes`), a user's picture brought to the model's input (`pictures`, `preprocess`), and
-augmentation in whole batches on the device (`augment`, `geometry`).
+`classes`) on the device, in the host's memory or mapped from disk (`mapped`), a user's picture
+brought to the model's input (`pictures`, `preprocess`), and augmentation in whole batches on
+the device (`augment`, `geometry`).
 `python -m cifarlib.data` fetches and checks a dataset ahead of time."""
 
 from ..core import lazy

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..core import runtime
-from . import imagecache
+from . import mapped
 
 SPLITS = ("train", "val", "test")
 
@@ -47,13 +47,13 @@ class Split:
         """The labels on `device`; the images on it too (`data_on="device"`), in the host's
         memory (`"host"`, pinned for CUDA), or left where they are (`"disk"`: the memory-mapped
         image cache, or memory where the cache could not be written). Images are read from a
-        cache file with plain reads (`imagecache.read`), never twice in memory at once."""
-        images, mapped = self.images, imagecache.is_mapped(self.images)
+        cache file with plain reads (`mapped.read`), never twice in memory at once."""
+        images, on_file = self.images, mapped.is_mapped(self.images)
         if data_on == "device":
-            images = (imagecache.read(images, lambda shape: runtime.host_empty(shape, device)) if mapped
+            images = (mapped.read(images, lambda shape: runtime.host_empty(shape, device)) if on_file
                       else images).to(device)
         elif data_on == "host":
-            images = (imagecache.read(images, lambda shape: runtime.host_empty(shape, device)) if mapped
+            images = (mapped.read(images, lambda shape: runtime.host_empty(shape, device)) if on_file
                       else runtime.on_host(images, device))
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Split(images, move(self.labels), move(self.coarse_labels))
