@@ -184,6 +184,13 @@ def test_a_cache_too_big_for_the_disk_is_refused_before_decoding_unless_memory_h
     assert decoded == []
     d = load_cifar("folder", root, cache_dir=tmp_path / "c", device="cpu")  # auto: memory holds it
     assert len(d.train) + len(d.val) == 12 and "decoded into memory" in capfd.readouterr().err
+    monkeypatch.undo()  # room on the disk, but a write that fails: pictures meant to stay on disk are refused
+
+    def full(path, data, full_disk_fix=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(imagecache, "write_atomically", full)
+    with pytest.raises(UserError, match="could not write the image cache .*No space left on device"):
+        load_cifar("folder", root, cache_dir=tmp_path / "c2", device="cpu", data_on="disk")
 
 
 def test_an_old_torch_save_cache_is_rebuilt_once_from_its_own_images(tmp_path, monkeypatch, capfd):

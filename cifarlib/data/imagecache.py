@@ -341,9 +341,9 @@ def load(root: Path, paths: list[str], sizes: list[int], mtimes: list[int], pick
                 if cause is None:
                     raise
                 if contiguous:
-                    raise UserError(f"could not write the image cache {path} ({cause.strerror or cause}), and the "
-                                    "pictures are too big to hold in memory. Free some space, or choose another "
-                                    "cache_dir.") from None
+                    raise UserError(f"could not write the image cache {path} ({cause.strerror or cause}), which the "
+                                    "pictures are read from when they stay on disk (data_on). Free some space, or "
+                                    "choose another cache_dir.") from None
                 notice(f"could not write the image cache {path} ({cause.strerror or cause}); the images are used "
                        "all the same, and will be decoded again next time. Free some space, or choose another cache_dir.")
         elif may_write:
