@@ -14,7 +14,8 @@ assert len(NOTEBOOKS) == 6, NOTEBOOKS
 TINY = {"01_explore_data": {"per_class": 1, "similar_pairs": 2},
         "02_augmentation_preview": {"image_size": 48, "draws": 3},
         "03_train": {"preset": "auto", "backbone": "test_resnet", "weights": "none", "image_size": 32, "epochs": 3,
-                     "max_train_samples": 400, "max_eval_samples": 100, "run_name": "nb", "device": "cpu"}}
+                     "max_train_samples": 400, "max_eval_samples": 100, "run_name": "nb", "device": "cpu",
+                     "data_on": "host"}}  # the pictures off the device: gathered by the background thread
 OUTPUT_DIRS = {"03_train": "checkpoint_dir"}  # notebooks that write, and where to
 
 
