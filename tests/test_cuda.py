@@ -141,13 +141,15 @@ def test_an_epoch_waits_for_the_gpu_only_at_its_scheduled_checks(tmp_path):
 
 
 def test_pictures_in_pinned_host_memory_come_to_the_gpu_as_the_same_batches(tmp_path):
-    """data_on=host on CUDA: pinned buffers gathered by the background thread, copied without a
-    wait; the batches are those of the pictures on the device."""
+    """data_on=host on CUDA: the pictures in plain host memory, batches gathered by the background
+    thread into pinned buffers and copied without a wait; the batches are those of the pictures
+    on the device."""
     from cifarlib.data.datasets import Batches, load_cifar
     kw = dict(device="cuda", max_train_samples=300, max_eval_samples=10)
     on_host = load_cifar("synthetic", tmp_path, data_on="host", **kw)
     on_device = load_cifar("synthetic", tmp_path, data_on="device", **kw)
-    assert on_host.train.images.is_pinned() and on_device.train.images.is_cuda
+    assert not on_host.train.images.is_cuda and on_device.train.images.is_cuda
     for (x, y), (x2, y2) in zip(Batches(on_host.train, 64, shuffle=True, ahead=4).epoch(1),
                                 Batches(on_device.train, 64, shuffle=True).epoch(1)):
         assert x.is_cuda and torch.equal(x, x2) and torch.equal(y, y2)
+    assert runtime.host_empty((2, 3), torch.device("cuda")).is_pinned()

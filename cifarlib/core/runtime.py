@@ -328,19 +328,34 @@ def _gb(n: int | None) -> str:
 
 
 def place_data(data_on: str, need: int, device: torch.device, cached: bool = True) -> tuple[str, str]:
+    """`_place_data`, decided by rank 0 under torchrun and taken by every rank (so that they
+    agree, near the threshold too); an error there is every rank's."""
+    try:
+        decided: Any = _place_data(data_on, need, device, cached) if is_main_process() else None
+    except UserError as e:
+        decided = e
+    decided = broadcast_object(decided if is_main_process() else None)
+    if isinstance(decided, UserError):
+        raise UserError(str(decided))
+    return decided
+
+
+def _place_data(data_on: str, need: int, device: torch.device, cached: bool = True) -> tuple[str, str]:
     """Where pictures of `need` bytes (uint8) live, and why, in words: on the device (batches are
-    slices there), in the host's memory (pinned on CUDA) or on disk (the memory-mapped image
+    slices there), in the host's memory or on disk (the memory-mapped image
     cache, `cached`: image folders have one, CIFAR comes from its pickles); in the last two,
     batches are gathered on the host a few ahead and copied over. The pictures fit in a memory
     when they take at most half of what is free there (the rest is for training); on the device
-    they pass through the host on the way, so both must hold them. `"auto"`: the first place
+    they pass through the host on the way, so both must hold them; the host holds one copy for
+    each process of this machine under torchrun (`LOCAL_WORLD_SIZE`). `"auto"`: the first place
     where they fit; a place asked for where they do not is a `UserError`."""
     import torch
     if data_on not in DATA_ON:
         raise UserError(f"data_on must be one of {', '.join(DATA_ON)}, not {data_on!r}.")
     dev_free, host_free = available_memory(device), available_memory(torch.device("cpu"))
-    fits = lambda free: free is None or need <= free // 2  # noqa: E731
-    on_device, on_host = fits(dev_free) and fits(host_free), fits(host_free)
+    copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    fits = lambda free, n=1: free is None or need * n <= free // 2  # noqa: E731
+    on_device, on_host = fits(dev_free) and fits(host_free, copies), fits(host_free, copies)
     size, fix = f"{_gb(need)} of pictures", "lower store_size, or pick fewer images with max_train_samples"
     if data_on == "auto":
         if on_device:
@@ -372,7 +387,7 @@ def resolve_order(order: str, data_on: str, need: int) -> str:
     if order != "auto":
         return order
     free = available_memory(torch.device("cpu"))
-    return "block" if data_on == "disk" and free is not None and need > free else "shuffle"
+    return broadcast_object("block" if data_on == "disk" and free is not None and need > free else "shuffle")  # rank 0's
 
 
 def host_empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -380,12 +395,6 @@ def host_empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     CUDA, so that the copy over needs no wait (and no second copy into pinned memory)."""
     import torch
     return torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
-
-
-def on_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` in the host's memory, bound for `device`: pinned for CUDA (a copy), else as it is."""
-    t = t.to("cpu")
-    return t.pin_memory() if device.type == "cuda" else t
 
 
 # --- torchrun ------------------------------------------------------------------------------------

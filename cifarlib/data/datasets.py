@@ -293,7 +293,7 @@ class Batches:
         device = self.split.labels.device
         on = runtime.to_device(order, device)  # one copy, without a host wait
         picks = range(start, len(self) if end is None else min(end, len(self)))
-        if self.split.images.device == device and not self.ahead:
+        if self.split.images.device == device and not (self.ahead and runtime.is_host(device)):
             for i in picks:
                 idx = on[i * b: min((i + 1) * b, n)]
                 yield self.split.images[idx], self.split.labels[idx]

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..core import progress, runtime
@@ -130,8 +131,11 @@ def _consistent(c: Cache, size: int) -> bool:
             and all((r < 0) == bool(why) for r, why in zip(c.rows, c.reasons)))
 
 
-def _read(path: Path, size: int) -> Cache | None:
-    """The cache at `path`, or None (with a notice) when it is from another version or damaged."""
+def _read(path: Path, size: int, same_as: tuple[int, int] | None = None) -> Cache | None:
+    """The cache at `path`, or None (with a notice) when it is from another version or damaged.
+    Its list and its pictures come from one open file. `same_as`: the (device, inode) of the
+    file this process just wrote; another file found there (a rebuild by another run, renamed
+    over it since) is read all the same, as it is consistent in itself."""
     if not path.is_file():
         return None
     try:
@@ -144,13 +148,16 @@ def _read(path: Path, size: int) -> Cache | None:
                 raise ValueError("no trailer")
             f.seek(total - 24 - length)
             c = json.loads(f.read(length))
-        if not isinstance(c, dict) or c.get("version") != VERSION:
-            notice(f"the image cache {path} was written by another version of cifarlib; rebuilding it.")
-            return None
-        count = c["count"]
-        if c["store_size"] != size or count * 3 * size * size != total - 24 - length:
-            raise ValueError("sizes")
-        cache = Cache(c["paths"], c["sizes"], c["mtimes"], c["rows"], c["reasons"], mapped.map_file(path, count, size))
+            if not isinstance(c, dict) or c.get("version") != VERSION:
+                notice(f"the image cache {path} was written by another version of cifarlib; rebuilding it.")
+                return None
+            count = c["count"]
+            if c["store_size"] != size or count * 3 * size * size != total - 24 - length:
+                raise ValueError("sizes")
+            cache = Cache(c["paths"], c["sizes"], c["mtimes"], c["rows"], c["reasons"],
+                          mapped.map_file(f, path, count, size))
+            if same_as and (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino) != same_as:
+                notice(f"the image cache {path} was rebuilt by another process meanwhile; its pictures are used.")
         if not _consistent(cache, size):
             raise ValueError("parts")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -199,8 +206,10 @@ def _fill(entries: list[Entry], old: Cache, size: int, sink: Callable[[torch.Ten
             chunk = entries[start:start + per]
             buf = whole_buf[:len(chunk)]
             copied = [i for i, e in enumerate(chunk) if e.row is not None]
-            if copied:
-                buf[copied] = old.images[[chunk[i].row for i in copied]]
+            if copied:  # read from the old file, in its order (not a page fault every 4 kB)
+                got = np.empty((len(copied), 3, size, size), dtype=np.uint8)
+                rows = np.array([chunk[i].row for i in copied], dtype=np.int64)
+                buf[copied] = torch.from_numpy(got) if mapped.gather(old.images, rows, got) else old.images[rows]
             new = [i for i, e in enumerate(chunk) if e.row is None and not e.reason]
             if new:
                 t0 = time.perf_counter()
@@ -239,15 +248,22 @@ def _write(path: Path, entries: list[Entry], old: Cache, size: int) -> tuple[Cac
         trailer = json.dumps({"version": VERSION, "store_size": size, "count": count[0], "paths": c.paths,
                               "sizes": c.sizes, "mtimes": c.mtimes, "rows": c.rows, "reasons": c.reasons}).encode()
         f.write(trailer + len(trailer).to_bytes(8, "little") + MAGIC)
+        st = os.fstat(f.fileno())
+        box["file"] = (st.st_dev, st.st_ino)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, stream, full_disk_fix=None)
     c = box["cache"]
-    c.images = mapped.map_file(path, sum(r >= 0 for r in c.rows), size)
     failed = "".join(f"{p}\t{why}\n" for p, why in zip(c.paths, c.reasons) if why)
     listed = path.with_suffix(".skipped.txt")
-    write_atomically(listed, failed.encode(), full_disk_fix=None) if failed else listed.unlink(missing_ok=True)
-    return c, box["seconds"]
+    try:
+        write_atomically(listed, failed.encode(), full_disk_fix=None) if failed else listed.unlink(missing_ok=True)
+    except OSError as e:  # the cache itself is written: a missing list costs a notice
+        notice(f"could not write the list of skipped files {listed} ({e.strerror or e}).")
+    written = _read(path, size, same_as=box["file"])  # mapped from one open file, whoever wrote it last
+    if written is None:
+        raise UserError(f"the image cache {path} could not be read back after it was written; run again.")
+    return written, box["seconds"]
 
 
 def _in_memory(entries: list[Entry], old: Cache, size: int) -> tuple[Cache, float]:

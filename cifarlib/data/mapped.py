@@ -36,21 +36,23 @@ def _file_of(images: torch.Tensor) -> tuple[Path, int] | None:
     return None if mapped is None or mapped[0]() is None else mapped[1:]
 
 
-def map_file(path: Path, count: int, size: int) -> torch.Tensor:
-    """The first `count` images of the file, memory-mapped read-only. Read-only because Linux
+def map_file(f, path: Path, count: int, size: int) -> torch.Tensor:
+    """The first `count` images of the open file `f` (of `path`), memory-mapped read-only, with
+    a descriptor of that same file kept for the readers: mapping by the name could meet another
+    file renamed there since `f` was read (another run rebuilding the cache). Read-only because Linux
     counts a writable private (copy-on-write) mapping against its memory commit limit, so one of
     a cache bigger than memory was refused (ENOMEM, found by bench_stream.py loader with a 36 GB
     cache on a 24 GB machine); nothing writes into the pictures (batches are copies)."""
     if count == 0:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
     try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(count, 3, size, size))
+        mm = np.memmap(f, dtype=np.uint8, mode="r", shape=(count, 3, size, size))
     except OSError as e:
         raise UserError(f"could not map the image cache {path} ({e.strerror or e}).") from None
     with warnings.catch_warnings():  # torch warns of a read-only array: it is meant to be
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(mm)  # keeps `mm` alive as long as any view of it
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.dup(f.fileno())
     weakref.finalize(mm, os.close, fd)
     _MAPS[t.untyped_storage().data_ptr()] = (weakref.ref(mm), path, fd)
     return t
@@ -97,12 +99,24 @@ def gather(images: torch.Tensor, index: np.ndarray, out: np.ndarray) -> bool:
     i = 0
     while i < len(rows):
         j = i + 1
-        while j < len(rows) and j - i < 512 and stride == size and rows[j] == rows[j - 1] + 1:
+        while (j < len(rows) and j - i < 512 and size * (j - i) < 1 << 28 and stride == size
+               and rows[j] == rows[j - 1] + 1):
             j += 1
-        if os.preadv(mapped[1], [flat[turn[k]] for k in range(i, j)], base + int(rows[i]) * stride) != size * (j - i):
-            raise UserError(f"the image cache {mapped[0]} was cut short while it was read; run again to rebuild it.")
+        at = base + int(rows[i]) * stride
+        if os.preadv(mapped[1], [flat[turn[k]] for k in range(i, j)], at) != size * (j - i):
+            for k in range(i, j):  # a short read (a network file system): each picture in full
+                _read_fully(mapped, flat[turn[k]], at + (k - i) * stride)
         i = j
     return True
+
+
+def _read_fully(mapped: tuple[Path, int], buf: np.ndarray, at: int) -> None:
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(mapped[1], [view[done:]], at + done)
+        if not got:
+            raise UserError(f"the image cache {mapped[0]} was cut short while it was read; run again to rebuild it.")
+        done += got
 
 
 def read(images: torch.Tensor, alloc: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
@@ -116,7 +130,5 @@ def read(images: torch.Tensor, alloc: Callable[[tuple[int, ...]], torch.Tensor] 
         return out.copy_(images)
     flat, start = out.numpy().reshape(-1), images.storage_offset()
     for done in range(0, len(flat), CHUNK_BYTES):
-        part = flat[done:done + CHUNK_BYTES]
-        if os.preadv(mapped[1], [part], start + done) != len(part):
-            raise UserError(f"the image cache {mapped[0]} was cut short while it was read; run again to rebuild it.")
+        _read_fully(mapped, flat[done:done + CHUNK_BYTES], start + done)
     return out

@@ -45,16 +45,16 @@ class Split:
 
     def place(self, data_on: str, device: torch.device) -> Split:
         """The labels on `device`; the images on it too (`data_on="device"`), in the host's
-        memory (`"host"`, pinned for CUDA), or left where they are (`"disk"`: the memory-mapped
-        image cache, or memory where the cache could not be written). Images are read from a
-        cache file with plain reads (`mapped.read`), never twice in memory at once."""
-        images, on_file = self.images, mapped.is_mapped(self.images)
+        memory (`"host"`), or left where they are (`"disk"`: the memory-mapped image cache, or
+        memory where the cache could not be written). Images are read from a cache file with
+        plain reads (`mapped.read`), never twice in memory at once. Nothing is pinned here: a
+        whole split in pinned memory would be rounded up to a power of two and kept by torch's
+        caching host allocator; batches are gathered into pinned buffers instead."""
+        images = mapped.read(self.images) if mapped.is_mapped(self.images) and data_on != "disk" else self.images
         if data_on == "device":
-            images = (mapped.read(images, lambda shape: runtime.host_empty(shape, device)) if on_file
-                      else images).to(device)
+            images = images.to(device)
         elif data_on == "host":
-            images = (mapped.read(images, lambda shape: runtime.host_empty(shape, device)) if on_file
-                      else runtime.on_host(images, device))
+            images = images.to("cpu")
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Split(images, move(self.labels), move(self.coarse_labels))
 

@@ -100,9 +100,10 @@ def plot_balance(table: pd.DataFrame):
     return fig
 
 
-def _in_chunks(images: torch.Tensor, per: int = 2048):
-    """`images` as float CPU chunks: pictures on disk, or bigger than memory, are read a chunk
-    at a time, never as one float copy (four times their size)."""
+def _in_chunks(images: torch.Tensor, chunk_bytes: int = 64 << 20):
+    """`images` as float64 CPU chunks of about `chunk_bytes`: pictures on disk, or bigger than
+    memory, are read a chunk at a time, never as one float copy (8 times their size)."""
+    per = max(1, chunk_bytes // max(1, 8 * images[0].numel())) if len(images) else 1
     for start in range(0, len(images), per):
         yield images[start:start + per].cpu().double()
 
@@ -126,9 +127,11 @@ def channel_stats(d: CifarData) -> pd.DataFrame:
 
 def similar_class_pairs(d: CifarData, n: int = 5) -> list[tuple[int, int]]:
     """The `n` pairs of classes whose mean training images (8x8) are closest: look-alikes."""
-    x = torch.cat([torch.nn.functional.adaptive_avg_pool2d(c.float(), 8).flatten(1) for c in _in_chunks(d.train.images)])
-    labels = d.train.labels.cpu()
-    means = torch.zeros(d.num_classes, x.shape[1]).index_add_(0, labels, x)
+    labels, means, start = d.train.labels.cpu(), torch.zeros(d.num_classes, 3 * 8 * 8), 0
+    for chunk in _in_chunks(d.train.images):  # class sums a chunk at a time
+        x = torch.nn.functional.adaptive_avg_pool2d(chunk.float(), 8).flatten(1)
+        means.index_add_(0, labels[start:start + len(x)], x)
+        start += len(x)
     means /= torch.bincount(labels, minlength=d.num_classes).clamp_min(1).unsqueeze(1)
     dist = torch.cdist(means, means) + torch.eye(d.num_classes) * 1e9
     flat = dist.triu(1).flatten()
