@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlib.core import runtime
+from cifarlib.core import placement, runtime
 from cifarlib.core.errors import UserError
 from cifarlib.data import imagecache, mapped
 from cifarlib.data.augment import BatchAugment
@@ -108,8 +108,8 @@ def test_a_folder_over_half_of_free_memory_trains_from_disk_with_auto_and_the_sa
     assert plan["order"] == "shuffle"  # the page cache holds the pictures: random reads are cheap
     assert history(run_dir) == history(on_device)
     monkeypatch.setattr(runtime, "available_memory", lambda device: need // 2)  # a cache bigger than memory
-    assert runtime.resolve_order("auto", "disk", need) == "block" and runtime.resolve_order("auto", "host", need) == "shuffle"
-    assert runtime.resolve_order("shuffle", "disk", need) == "shuffle"
+    assert placement.resolve_order("auto", "disk", need) == "block" and placement.resolve_order("auto", "host", need) == "shuffle"
+    assert placement.resolve_order("shuffle", "disk", need) == "shuffle"
 
 
 def test_the_block_order_is_seeded_and_exact_on_resume(folder):

@@ -47,9 +47,7 @@ DATA_TIMEOUT = timedelta(hours=6)
 # for the queue of launched work to drain; on the CPU a check costs nothing, so it runs every step.
 CHECK_EVERY_GPU = 50
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DATA_ON = ("auto", "device", "host", "disk")
 PLACES = {"device": "device", "host": "host's memory", "disk": "disk (the memory-mapped image cache)"}
-ORDERS = ("auto", "shuffle", "block")
 
 
 def project_root() -> Path:
@@ -125,8 +123,8 @@ class DevicePlan:
     fused: bool          # fused optimizer kernels (one kernel for every parameter's update)
     channels_last: bool  # the model's weights and inputs in NHWC memory layout
     check_every: int     # optimizer steps between the training loop's scheduled checks
-    data_on: str = "device"  # where the training pictures live: "device", "host" or "disk" (`place_data`)
-    order: str = "shuffle"   # the batches' order: "shuffle" or "block" (`resolve_order`)
+    data_on: str = "device"  # where the training pictures live: "device", "host" or "disk" (`cifarlib.core.placement`)
+    order: str = "shuffle"   # the batches' order: "shuffle" or "block" (`placement.resolve_order`)
     data_why: str = ""       # why, in words
 
     @property
@@ -321,74 +319,7 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-# --- where the training pictures live -------------------------------------------------------------
-
-def _gb(n: int | None) -> str:
-    return "an unknown amount" if n is None else f"{n / 1e9:.1f} GB"
-
-
-def place_data(data_on: str, need: int, device: torch.device, cached: bool = True) -> tuple[str, str]:
-    """`_place_data`, decided by rank 0 under torchrun and taken by every rank (so that they
-    agree, near the threshold too); an error there is every rank's."""
-    try:
-        decided: Any = _place_data(data_on, need, device, cached) if is_main_process() else None
-    except UserError as e:
-        decided = e
-    decided = broadcast_object(decided if is_main_process() else None)
-    if isinstance(decided, UserError):
-        raise UserError(str(decided))
-    return decided
-
-
-def _place_data(data_on: str, need: int, device: torch.device, cached: bool = True) -> tuple[str, str]:
-    """Where pictures of `need` bytes (uint8) live, and why, in words: on the device (batches are
-    slices there), in the host's memory or on disk (the memory-mapped image
-    cache, `cached`: image folders have one, CIFAR comes from its pickles); in the last two,
-    batches are gathered on the host a few ahead and copied over. The pictures fit in a memory
-    when they take at most half of what is free there (the rest is for training); on the device
-    they pass through the host on the way, so both must hold them; the host holds one copy for
-    each process of this machine under torchrun (`LOCAL_WORLD_SIZE`). `"auto"`: the first place
-    where they fit; a place asked for where they do not is a `UserError`."""
-    import torch
-    if data_on not in DATA_ON:
-        raise UserError(f"data_on must be one of {', '.join(DATA_ON)}, not {data_on!r}.")
-    dev_free, host_free = available_memory(device), available_memory(torch.device("cpu"))
-    copies = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    fits = lambda free, n=1: free is None or need * n <= free // 2  # noqa: E731
-    on_device, on_host = fits(dev_free) and fits(host_free, copies), fits(host_free, copies)
-    size, fix = f"{_gb(need)} of pictures", "lower store_size, or pick fewer images with max_train_samples"
-    if data_on == "auto":
-        if on_device:
-            return "device", f"{size} fit in half of the {_gb(dev_free)} free on {device}"
-        if on_host and not is_host(device):
-            return "host", (f"{size} are over half of the {_gb(dev_free)} free on {device}, within half of the "
-                            f"{_gb(host_free)} free in the host's memory")
-        if cached:
-            return "disk", f"{size} are over half of the {_gb(min(dev_free or 0, host_free or 0))} free in memory"
-        raise UserError(f"{size} are over half of the memory free ({_gb(host_free)}); {fix}.")
-    if data_on == "disk" and not cached:
-        raise UserError("data_on=disk reads the image cache of dataset=folder; CIFAR's pictures come from its "
-                        "files into memory: use data_on=auto, device or host.")
-    if (data_on == "device" and not on_device) or (data_on == "host" and not on_host):
-        free = min(f for f in (dev_free, host_free) if f is not None) if data_on == "device" else host_free
-        raise UserError(f"data_on={data_on}: {size} take more than half of the {_gb(free)} free "
-                        f"{'on ' + str(device) if data_on == 'device' else 'in the host' + chr(39) + 's memory'} (the "
-                        f"rest is for the model). Use data_on=auto{'' if not cached else ' or disk'}, or {fix}.")
-    return data_on, f"data_on={data_on} asked for"
-
-
-def resolve_order(order: str, data_on: str, need: int) -> str:
-    """The batches' order: `"auto"` takes `"block"` (see `cifarlib.data.datasets.Batches`) only
-    for pictures on disk that are larger than the host's free memory, whose page cache could not
-    hold them: random reads of single pictures would then go to the disk; else `"shuffle"`."""
-    import torch
-    if order not in ORDERS:
-        raise UserError(f"order must be one of {', '.join(ORDERS)}, not {order!r}.")
-    if order != "auto":
-        return order
-    free = available_memory(torch.device("cpu"))
-    return broadcast_object("block" if data_on == "disk" and free is not None and need > free else "shuffle")  # rank 0's
-
+# --- pictures bound for a device (where they live: `cifarlib.core.placement`) ----------------
 
 def host_empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """An empty uint8 tensor in the host's memory, for pictures bound for `device`: pinned on

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..core import runtime
+from ..core import placement, runtime
 from ..core.errors import UserError, notice
 from . import folders, mapped, sources, synthetic
 from .splits import SPLITS, CifarData, Split, pick_splits, split_train_val, stratified_pick  # noqa: F401
@@ -108,7 +108,7 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
                download: bool = True, device: str | torch.device = "auto", store_size: int = 32,
                cache_dir: str | Path = "data", splits: tuple[str, ...] = SPLITS, data_on: str = "auto") -> CifarData:
     """Load a dataset, split off validation, cap the splits, and place them for `device`: the
-    pictures where `data_on` says (`runtime.place_data`: the device, the host's memory, or, for
+    pictures where `data_on` says (`placement.place_data`: the device, the host's memory, or, for
     a folder, the memory-mapped image cache on disk), the labels on the device.
 
     `data_dir` follows the path rule of `cifarlib.core.runtime`. Sources are tried in order: the
@@ -162,7 +162,7 @@ def load_cifar(dataset: str = "cifar100", data_dir: str | Path = "data", *,
     train, val, test = pick_splits(full_train, None, test, val_fraction, seed, max_train_samples, max_eval_samples)
     data = CifarData(dataset, folder, classes, superclasses, train, val, test, fine_to_coarse)
     dev = runtime.pick_device(device)
-    where, why = runtime.place_data(data_on, data.nbytes, dev, cached=False)
+    where, why = placement.place_data(data_on, data.nbytes, dev, cached=False)
     return data.place(where, dev, why)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import runtime
+from ..core import placement, runtime
 from ..core.errors import UserError, notice
 from . import imagecache, sources
 from .splits import SPLITS, CifarData, Split, pick_splits
@@ -261,7 +261,7 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
                 device: str | torch.device = "auto", data_on: str = "auto") -> CifarData:
     """The dataset at `data_dir` as `CifarData` for `device` (see the module docstring); only
     the `splits` named are decoded, the others are empty. The pictures are placed where
-    `data_on` says (`runtime.place_data`), decided before decoding from their size; on disk
+    `data_on` says (`placement.place_data`), decided before decoding from their size; on disk
     they stay in the image cache, memory-mapped. Use it through `load_cifar`."""
     if not isinstance(store_size, int) or isinstance(store_size, bool) or store_size < 1:
         raise UserError(f"store_size must be a positive whole number of pixels, not {store_size!r}.")
@@ -284,7 +284,7 @@ def load_folder(data_dir: str | Path, *, cache_dir: str | Path = "data", store_s
     # decoded side by side, and are a view of what was decoded
     files = torch.tensor(list(dict.fromkeys(torch.cat([s.images for s in picked.values()]).tolist())),
                          dtype=torch.int64)
-    where, why = runtime.place_data(data_on, len(files) * 3 * store_size * store_size, dev)
+    where, why = placement.place_data(data_on, len(files) * 3 * store_size * store_size, dev)
     if listing.skipped:
         notice(f"{len(listing.skipped)} file(s) or folder(s) are ignored: "
                + "; ".join(listing.skipped[:3]) + ("; ..." if len(listing.skipped) > 3 else ""))

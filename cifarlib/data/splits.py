@@ -70,7 +70,7 @@ class CifarData:
     test: Split
     fine_to_coarse: torch.Tensor | None = field(default=None, repr=False)  # (num_classes,)
     skipped: tuple[str, ...] = field(default=(), repr=False)  # image folders: "path: reason"
-    data_on: str = "device"        # where the pictures live: "device", "host" or "disk" (`runtime.place_data`)
+    data_on: str = "device"        # where the pictures live: "device", "host" or "disk" (`cifarlib.core.placement`)
     data_why: str = ""             # why, in words
 
     @property

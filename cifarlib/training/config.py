@@ -73,7 +73,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
-from ..core import runtime
+from ..core import placement, runtime
 from ..core.errors import UserError, notice
 from ..model.backbones import GROUPS
 
@@ -297,7 +297,7 @@ def _auto(overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def _check_plan_settings(values: dict[str, Any]) -> None:
     """The device plan's settings, checked for their form; whether the device can run them is
     checked when the plan is resolved (`cifarlib.core.runtime.resolve_plan`)."""
-    for key, choices in (("data_on", runtime.DATA_ON), ("order", runtime.ORDERS)):
+    for key, choices in (("data_on", placement.DATA_ON), ("order", placement.ORDERS)):
         if values.get(key, "auto") not in choices:
             raise UserError(f"{key} must be one of {', '.join(map(repr, choices))}, not {values[key]!r}.")
     if values.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):

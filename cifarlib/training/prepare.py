@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..core import clock, runtime
+from ..core import clock, placement, runtime
 from ..core.errors import UserError
 from ..data.augment import BatchAugment, make_policy
 from ..data.datasets import Split, load_cifar
@@ -67,7 +67,7 @@ def prepare(cfg: Config, started: float | None = None, folder: bool = True) -> R
                       verify_checksums=cfg.verify_checksums, device=plan.device, store_size=cfg.store_size,
                       cache_dir=cfg.cache_dir, data_on=cfg.data_on)
     plan = replace(plan, data_on=data.data_on, data_why=data.data_why,
-                   order=order or runtime.resolve_order(cfg.order, data.data_on, data.nbytes))
+                   order=order or placement.resolve_order(cfg.order, data.data_on, data.nbytes))
     cfg = replace(cfg, plan={**cfg.plan, **plan.to_dict()})
     if saved and list(saved["classes"]) != data.classes:
         raise UserError(f"cannot resume: the classes in {data.folder} are no longer the run's.\n"
