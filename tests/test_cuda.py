@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupted import stopped_at_batch
 
 from cifarlib.core import runtime
-from cifarlib.data.augment import BatchAugment
 from cifarlib.model import checkpoints
 from cifarlib.training import loop, train
 from cifarlib.training.config import Stage, make_config
@@ -47,18 +47,7 @@ def test_a_step_of_each_fused_optimizer_in_each_precision(optimizer, precision, 
 
 
 def test_a_run_saved_on_the_cpu_continues_on_cuda(tmp_path, monkeypatch):
-    calls, real = [], BatchAugment.__call__
-
-    def augment(self, x, y):
-        calls.append(1)
-        if len(calls) == 20 + 3:  # batch 3 of epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, x, y)
-    monkeypatch.setattr(BatchAugment, "__call__", augment)
-    run = train.prepare(tiny(tmp_path, "moved", device="cpu"))
-    with pytest.raises(train.guard.Interrupted):
-        list(train.epochs(run))
-    monkeypatch.undo()
+    stopped_at_batch(tiny(tmp_path, "moved", device="cpu"), 20 + 3)  # batch 3 of epoch 2
     run = train.prepare(tiny(tmp_path, "moved", device="cuda", resume=True))
     assert run.plan.device.type == "cuda" and run.plan.fused
     rows = list(train.epochs(run))
@@ -70,18 +59,7 @@ def test_a_run_saved_on_the_cpu_continues_on_cuda(tmp_path, monkeypatch):
 def test_a_run_saved_fused_on_cuda_resumed_unfused_keeps_its_counters_on_the_host(tmp_path, monkeypatch):
     """Unfused AdamW reads each counter as a number: on the GPU, that is a wait per parameter and
     step. Resumed unfused, the counters are on the CPU and an epoch waits only at its checks."""
-    calls, real = [], BatchAugment.__call__
-
-    def augment(self, x, y):
-        calls.append(1)
-        if len(calls) == 20 + 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, x, y)
-    monkeypatch.setattr(BatchAugment, "__call__", augment)
-    run = train.prepare(tiny(tmp_path, "unfused", device="cuda", fused=True))
-    with pytest.raises(train.guard.Interrupted):
-        list(train.epochs(run))
-    monkeypatch.undo()
+    stopped_at_batch(tiny(tmp_path, "unfused", device="cuda", fused=True), 20 + 3)  # batch 3 of epoch 2
     run = train.prepare(tiny(tmp_path, "unfused", device="cuda", fused=False, resume=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

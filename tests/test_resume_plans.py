@@ -15,16 +15,14 @@ only; the test measures that noise itself, from the uninterrupted runs under tho
 """
 
 import itertools
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+from interrupted import stopped_at_batch
 
 from cifarlib.core import runtime
-from cifarlib.data.augment import BatchAugment
 from cifarlib.model import build_model, checkpoints, layer_groups
 from cifarlib.training import optimizer, train
 from cifarlib.training.config import Stage, make_config
@@ -66,21 +64,7 @@ def weights_apart(a: Path, b: Path) -> float:
 def stopped_in_epoch_2(cfg) -> Path:
     """A run stopped by SIGTERM in the middle of epoch 2 (batch 3 of 10; a plan that checks every
     3 steps stops at step 3 of 5); its folder."""
-    calls, real = [], BatchAugment.__call__
-
-    def augment(self, x, y):
-        calls.append(1)
-        if len(calls) == 10 + 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, x, y)
-    BatchAugment.__call__ = augment
-    try:
-        run = train.prepare(cfg)
-        with pytest.raises(train.guard.Interrupted):
-            list(train.epochs(run))
-    finally:
-        BatchAugment.__call__ = real
-    return run.dir
+    return stopped_at_batch(cfg, 10 + 3).dir
 
 
 @pytest.fixture(scope="module")

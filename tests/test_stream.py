@@ -2,8 +2,6 @@
 the quasi-random block order; the raw image cache, built in one streaming pass."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupted import stopped_at_batch
 from PIL import Image
 
 from cifarlib.core import placement, runtime
 from cifarlib.core.errors import UserError
 from cifarlib.data import imagecache, mapped
-from cifarlib.data.augment import BatchAugment
 from cifarlib.data.datasets import Batches, block_order, load_cifar
 from cifarlib.data.splits import Split
 from cifarlib.data.synthetic import make_images
@@ -64,20 +62,7 @@ def whole(cfg) -> Path:
 
 def stopped_and_resumed(cfg) -> Path:
     """The run stopped by SIGTERM in the middle of its second epoch (batch 3), then resumed."""
-    calls, real = [], BatchAugment.__call__
-
-    def augment(self, x, y):
-        calls.append(1)
-        if len(calls) == 6 + 3:  # 48 training pictures, 6 batches an epoch
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, x, y)
-    BatchAugment.__call__ = augment
-    try:
-        run = train.prepare(cfg)
-        with pytest.raises(train.guard.Interrupted):
-            list(train.epochs(run))
-    finally:
-        BatchAugment.__call__ = real
+    stopped_at_batch(cfg, 6 + 3)  # 48 training pictures, 6 batches an epoch
     return whole(make_config(**{**TINY, "run_name": cfg.run_name, "checkpoint_dir": cfg.checkpoint_dir,
                                 "data_dir": cfg.data_dir, "cache_dir": cfg.cache_dir, "resume": True}))
 
